@@ -1,0 +1,246 @@
+"""Typed, frozen configuration mirroring ``params.yaml``.
+
+Each section of params.yaml has a frozen dataclass; :func:`load_params` /
+``Config.from_params`` reject unknown keys and wrong types, naming the dotted
+key path (``train.loss.lpips``) so a typo never silently falls back to a
+default (nanoGPT's configurator, without the ``exec``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from featinv.errors import ParamsError
+
+__all__ = [
+    "DataConfig",
+    "ExtractConfig",
+    "LossConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "StudyConfig",
+    "Config",
+    "from_mapping",
+    "load_params",
+]
+
+DataSource = Literal["sample", "folder", "div2k"]
+Weights = str  # "random" | "imagenet" | a path to a state dict
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``data:`` — where images come from and how they are preprocessed (the study's protocol)."""
+
+    source: DataSource = "sample"  # sample (offline, skimage photos) | folder | div2k
+    train_dir: str | None = None  # folder source: training (+ validation) images
+    test_dir: str | None = None  # folder source: optional separate test set
+    root: str = "data/raw"  # div2k source: where archives are downloaded and extracted
+    base_url: str = "https://data.vision.ee.ethz.ch/cvl/DIV2K/"
+    val_fraction: float = 0.2  # of the training images (DIV2K: 160 of 800)
+    test_fraction: float = 0.15  # only when there is no separate test set
+    resize: int = 256  # bicubic resize of the whole image, as published
+    crop: int = 224  # train: random crop + h-flip; val/test: centre crop
+    train_views: int = 4  # cached augmented views per training image
+    max_images: int | None = None  # cap on source images (quick experiments, tests)
+    sample_crops: int = 6  # sample source: crops taken from each photograph
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """``extract:`` — how encoder activations are computed and stored."""
+
+    weights: Weights = "random"  # random (seeded) | imagenet | path to a state dict
+    weights_seed: int = 0  # seed of the random initialisation
+    device: str = "auto"  # auto (cuda → mps → cpu) | cpu | cuda | cuda:N | mps
+    batch_size: int = 16
+    codec: str = "zstd"  # blosc codec for the feature chunks: zstd | lz4 | none
+    clevel: int = 1
+    chunk_samples: int = 1  # samples per Zarr chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """``train.loss:`` — weights of the reconstruction loss terms."""
+
+    mse: float = 1.0
+    lpips: float = 0.0  # LPIPS(AlexNet); needs torchvision's pretrained AlexNet
+    l1: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``train:`` — decoder optimisation (defaults: a correct, fast recipe; see presets for the paper's)."""
+
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: Literal["plateau", "cosine", "none"] = "plateau"
+    plateau_patience: int = 5  # ReduceLROnPlateau patience (epochs)
+    plateau_factor: float = 0.5
+    early_stop_patience: int = 15  # epochs without val improvement before stopping
+    max_minutes: float | None = None  # wall-clock budget; stops after the epoch that crosses it
+    device: str = "auto"
+    seed: int = 42
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    ram_cache_gb: float = 4.0  # load a split's features into RAM when it fits this budget
+    max_train_samples: int | None = None  # cap on training samples per epoch (quick runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate:`` — test-split metrics and figures."""
+
+    refine: int = 0  # feature-matching refinement steps (0 = decoder only)
+    refine_lr: float = 0.01
+    refine_tv: float = 0.0
+    grid_images: int = 6
+    device: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """``study:`` — the grid the ``featinv study`` command runs."""
+
+    taps: tuple[str, ...] = ()
+    decoders: tuple[str, ...] = ("transposed_conv", "frequency_aware", "wavelet", "attention")
+    fusions: tuple[str, ...] = ("weighted", "concat", "attention")
+    ensemble_taps: tuple[str, ...] = (
+        "resnet34/layer1",
+        "vgg16/block1",
+        "vit_small/block1",
+        "pvt_v2_b2/stage1",
+    )
+    epochs: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole of ``params.yaml``."""
+
+    seed: int = 42
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    taps: tuple[str, ...] = ("vgg16/block1",)
+    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+    encoder: str = "vgg16/block1"  # a tap, or "ensemble"
+    fusion: str | None = None  # with encoder: ensemble — weighted | concat | attention
+    decoder: str = "transposed_conv"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    study: StudyConfig = dataclasses.field(default_factory=StudyConfig)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Config:
+        """Build from a parsed params.yaml mapping; see :func:`from_mapping`."""
+        return from_mapping(cls, params)
+
+
+C = TypeVar("C")
+
+
+def from_mapping(cls: type[C], mapping: Mapping[str, Any] | None, path: str = "") -> C:
+    """Build dataclass ``cls`` from ``mapping``, validating every key and type.
+
+    Args:
+        cls: a (frozen) dataclass type whose fields may themselves be dataclasses.
+        mapping: parsed YAML; missing keys take the field default.
+        path: dotted prefix of this section, for error messages.
+
+    Raises:
+        ParamsError: unknown key, wrong type, or a value outside a Literal's choices;
+            the message names the full key path.
+    """
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, Mapping):
+        raise ParamsError(f"`{path or 'params'}` must be a mapping, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        where = f"`{path}`" if path else "params.yaml"
+        raise ParamsError(
+            f"unknown key(s) {', '.join(_join(path, k) for k in unknown)} in {where}; "
+            f"valid keys: {', '.join(fields)}"
+        )
+    kwargs = {name: _coerce(hints[name], mapping[name], _join(path, name)) for name in mapping}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Read and validate a params.yaml file.
+
+    Raises:
+        ParamsError: the file is missing, not YAML, or has invalid keys/values.
+    """
+    path = Path(path)
+    try:
+        with path.open() as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return Config.from_params(raw or {})
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``hint``; convert lists to tuples and ints to floats."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, path)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"`{path}`: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ParamsError(
+                f"`{path}` = {value!r} is not valid; choices: {', '.join(map(str, choices))}"
+            )
+        return value
+    if origin is tuple:
+        (item_hint, _ellipsis) = get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"`{path}` must be a list, got {value!r}")
+        return tuple(_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"`{path}` must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"`{path}` must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"`{path}` must be a string, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"`{path}` must be true or false, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {path}")  # internal: a new field type

@@ -1,0 +1,85 @@
+"""The reconstruction loss: ``mse``·MSE + ``l1``·L1 + ``lpips``·LPIPS(AlexNet), on pixels in [0, 1].
+
+LPIPS (Zhang et al., "The Unreasonable Effectiveness of Deep Features as a
+Perceptual Metric", CVPR 2018) needs torchvision's pretrained AlexNet; when it
+cannot be loaded (offline) a positive LPIPS weight is an error, never a silent
+fallback to random AlexNet weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featinv.config import LossConfig
+from featinv.errors import WeightsUnavailableError
+
+__all__ = ["ReconstructionLoss", "load_lpips", "lpips_available"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def load_lpips() -> nn.Module:
+    """The frozen LPIPS(AlexNet) network (cached per process).
+
+    Raises:
+        WeightsUnavailableError: the pretrained AlexNet (or LPIPS' linear layers)
+            cannot be loaded, e.g. offline without a torch hub cache.
+    """
+    import lpips
+
+    try:
+        # lpips prints a banner on construction; the library never prints.
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = lpips.LPIPS(net="alex", pretrained=True, verbose=False)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            "LPIPS needs torchvision's pretrained AlexNet (alexnet-owt-7be5be79.pth), which "
+            f"could not be loaded ({type(exc).__name__}: {str(exc)[:160]}). Put it in the torch hub "
+            "cache (~/.cache/torch/hub/checkpoints/) by running once with internet, or set "
+            "`train.loss.lpips: 0`."
+        ) from exc
+    model.eval().requires_grad_(False)
+    return model
+
+
+def lpips_available() -> bool:
+    """Whether LPIPS(AlexNet) can be loaded here."""
+    try:
+        load_lpips()
+        return True
+    except WeightsUnavailableError:
+        return False
+
+
+class ReconstructionLoss(nn.Module):
+    """Weighted sum of pixel losses; ``forward`` returns the total and its named parts.
+
+    Raises (on construction):
+        WeightsUnavailableError: ``lpips`` > 0 but LPIPS cannot be loaded.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.lpips = load_lpips() if cfg.lpips > 0 else None
+
+    def forward(self, pred01: torch.Tensor, target01: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: dict[str, torch.Tensor] = {}
+        if self.cfg.mse > 0:
+            parts["mse"] = F.mse_loss(pred01, target01)
+        if self.cfg.l1 > 0:
+            parts["l1"] = F.l1_loss(pred01, target01)
+        if self.lpips is not None:
+            self.lpips.to(pred01.device)
+            parts["lpips"] = self.lpips(pred01 * 2 - 1, target01 * 2 - 1).mean()
+        total = sum(getattr(self.cfg, k) * v for k, v in parts.items())
+        return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,113 @@
+"""The trainable part of a run — optional fusion + decoder — and self-describing checkpoints.
+
+A checkpoint (nanoGPT-style) holds everything needed to rebuild and use the
+model without repeating any setting: state dict, decoder/fusion names, the tap
+specs and their store fingerprints, weights id, preprocessing, epoch, best
+validation loss and the full run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featinv.decoders import build_decoder, count_parameters
+from featinv.errors import CheckpointError, ParamsError
+from featinv.taps import TapSpec
+
+__all__ = ["Reconstructor", "build_reconstructor", "save_checkpoint", "load_checkpoint", "ENSEMBLE"]
+
+ENSEMBLE = "ensemble"
+CHECKPOINT_FORMAT = 1
+
+
+class Reconstructor(nn.Module):
+    """Feature maps of one or more taps → RGB pixels in [0, 1].
+
+    Args:
+        decoder: maps (N, C, h, w) → (N, 3, 224, 224).
+        fusion: for ensembles, maps a list of feature maps to one (N, 256, H, W) map.
+    """
+
+    def __init__(self, decoder: nn.Module, fusion: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fusion = fusion
+        self.decoder = decoder
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.fusion is None:
+            (single,) = feats
+            return self.decoder(single)
+        return self.decoder(self.fusion(feats))
+
+
+def build_reconstructor(
+    specs: list[TapSpec], decoder: str, fusion: str | None, out_size: int = 224
+) -> Reconstructor:
+    """Build the fusion (for several taps) and decoder for the given tap specs.
+
+    Raises:
+        ParamsError: several taps without a fusion, or a fusion with one tap.
+        UnknownNameError: unknown decoder or fusion name.
+    """
+    if len(specs) > 1:
+        if not fusion:
+            raise ParamsError("`encoder: ensemble` needs `fusion` (weighted | concat | attention)")
+        from featinv.fusion import build_fusion, fused_shape
+
+        shapes = [s.shape for s in specs]
+        fuse = build_fusion(fusion, shapes)
+        return Reconstructor(build_decoder(decoder, fused_shape(shapes), out_size), fuse)
+    if fusion:
+        raise ParamsError(f"`fusion: {fusion}` is only valid with `encoder: ensemble`; set `fusion: null`")
+    return Reconstructor(build_decoder(decoder, specs[0].shape, out_size))
+
+
+def save_checkpoint(path: str | Path, model: Reconstructor, meta: dict[str, Any], **extra: Any) -> None:
+    """Write a checkpoint atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": model.state_dict(),
+        "decoder_params": count_parameters(model),
+        **meta,
+        **extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Reconstructor, dict]:
+    """Rebuild the model stored in a checkpoint.
+
+    Returns:
+        ``(model in eval mode, checkpoint dict without the state dict)``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, or not a featinv checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train first (`dvc repro train`)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a featinv checkpoint (format {CHECKPOINT_FORMAT})")
+    specs = [TapSpec(**s) for s in payload["taps"]]
+    model = build_reconstructor(specs, payload["decoder"], payload.get("fusion"), payload["crop"])
+    model.load_state_dict(payload.pop("state_dict"))
+    payload.pop("optimizer", None)
+    return model.eval(), payload
+
+
+def spec_dicts(specs: list[TapSpec]) -> list[dict]:
+    return [dataclasses.asdict(s) for s in specs]

@@ -1,0 +1,482 @@
+"""Encoder taps: a frozen pre-trained network truncated at one layer.
+
+A *tap* names an encoder and a cut point (``vgg16/block1``).  Like timm's
+``feature_info``, every built-in tap declares its contract in a :class:`TapSpec`
+(channels × height × width of the activation for a 224×224 input);
+``tests/test_taps.py`` checks each declaration against a real forward pass on
+seeded random weights.  Networks are *truncated* at the tap — layers past it
+are never built into the forward path, let alone run (the published code ran
+the whole PVT to catch one hook).
+
+Beyond the built-ins, any timm model and named module is a tap:
+``timm:convnext_tiny/stages.0``; its shape is discovered by a dry forward and
+the forward stops at that module.
+
+Inputs are pixels in [0, 1]; :class:`TapEncoder` applies the ImageNet
+normalisation the study used before the truncated network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from featinv.errors import ParamsError, UnknownNameError, WeightsUnavailableError
+from featinv.registry import Registry
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TapSpec",
+    "TapEncoder",
+    "TAPS",
+    "FAMILIES",
+    "resolve_tap",
+    "build_encoder",
+    "weights_id",
+    "list_taps",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_SIZE = 224
+TIMM_PREFIX = "timm:"
+
+TokenLayout = Literal["nchw", "tokens", "nhwc"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TapSpec:
+    """What a tap is and what it produces for a 224×224 input.
+
+    Attributes:
+        name: registry key, ``family/layer`` (or ``timm:model/module.path``).
+        family: key of :data:`FAMILIES` that builds the truncated network.
+        cut: where the network is cut, in the family's terms (``features[:5]``,
+            ``layer1``, ``blocks[:1]``, ``stages[:1]``, a module path).
+        channels, height, width: the activation's shape per image.
+        layout: how the network emits it (``tokens`` are reshaped to a grid, prefix
+            tokens such as CLS dropped; ``nhwc`` is permuted).
+        depth: order of the tap within its family (shallow → deep), for reports.
+    """
+
+    name: str
+    family: str
+    cut: str
+    channels: int
+    height: int
+    width: int
+    layout: TokenLayout = "nchw"
+    depth: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width)."""
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How to build one encoder family truncated at a cut point.
+
+    ``build(cut, pretrained)`` returns the truncated module; ``imagenet_tag`` names
+    the pretrained weights the published study used (recorded in outputs).
+    """
+
+    build: Callable[[str, bool], nn.Module]
+    imagenet_tag: str
+
+
+TAPS: Registry[TapSpec] = Registry("tap", param="encoder / taps")
+FAMILIES: Registry[Family] = Registry("encoder family")
+
+
+class TapEncoder(nn.Module):
+    """Frozen, eval-mode encoder: pixels in [0,1] (N,3,224,224) → tap activation (N,C,h,w).
+
+    Args:
+        spec: the tap's declared contract.
+        network: the truncated network, fed ImageNet-normalised pixels.
+        weights: the weights id recorded in outputs (see :func:`weights_id`).
+    """
+
+    def __init__(self, spec: TapSpec, network: nn.Module, weights: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.network = network
+        self.weights = weights
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, pixels01_nchw: torch.Tensor) -> torch.Tensor:
+        return self.network((pixels01_nchw - self.mean) / self.std)
+
+    def train(self, mode: bool = True) -> TapEncoder:  # frozen: BatchNorm/dropout stay in eval
+        return super().train(False)
+
+
+def resolve_tap(name: str) -> TapSpec:
+    """The :class:`TapSpec` for a built-in tap or a ``timm:model/module`` tap.
+
+    Raises:
+        UnknownNameError: not a built-in tap and not of the ``timm:`` form.
+        ParamsError: a ``timm:`` tap whose model or module does not exist.
+    """
+    if name.startswith(TIMM_PREFIX):
+        return _timm_spec(name)
+    return TAPS.get(name)
+
+
+def list_taps() -> list[TapSpec]:
+    """Built-in taps, grouped by family and ordered shallow → deep."""
+    return [TAPS.get(n) for n in TAPS.names()]
+
+
+def build_encoder(
+    tap: str | TapSpec,
+    weights: str = "random",
+    weights_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> TapEncoder:
+    """Build the frozen encoder truncated at ``tap``.
+
+    Args:
+        tap: a tap name or spec.
+        weights: ``random`` (seeded, deterministic), ``imagenet`` (hub or local
+            cache) or the path of a state dict for the *full* network.
+        weights_seed: seed of the random initialisation (also used before loading
+            a state dict, so unmatched buffers are deterministic).
+        device: where to put the encoder.
+
+    Raises:
+        WeightsUnavailableError: ``imagenet`` weights cannot be loaded (offline, no
+            cache), or the weights file is missing/incompatible.
+        UnknownNameError / ParamsError: see :func:`resolve_tap`.
+    """
+    spec = tap if isinstance(tap, TapSpec) else resolve_tap(tap)
+    network = _build_network(spec, weights, weights_seed)
+    encoder = TapEncoder(spec, network, weights_id(spec, weights, weights_seed))
+    return encoder.to(device)
+
+
+def weights_id(spec: TapSpec, weights: str, weights_seed: int) -> str:
+    """A stable identifier of the weights, recorded in stores, checkpoints and metrics."""
+    if weights == "random":
+        return f"random:seed={weights_seed}"
+    if weights == "imagenet":
+        return f"imagenet:{_imagenet_tag(spec)}"
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"weights file {path} does not exist (param `extract.weights`); "
+            "use `random`, `imagenet`, or the path of a state dict"
+        )
+    return f"file:{path.name}:sha256={_sha256(path)[:16]}"
+
+
+# --------------------------------------------------------------------------- private helpers
+
+
+def _build_network(spec: TapSpec, weights: str, weights_seed: int) -> nn.Module:
+    family = FAMILIES.get(spec.family) if not spec.name.startswith(TIMM_PREFIX) else None
+    pretrained = weights == "imagenet"
+    if weights not in ("random", "imagenet"):
+        weights_id(spec, weights, weights_seed)  # validates that the file exists
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(weights_seed)
+        try:
+            if family is not None:
+                network = family.build(spec.cut, pretrained)
+            else:
+                network = _build_timm_hook_network(spec, pretrained)
+        except WeightsUnavailableError:
+            raise
+        except Exception as exc:
+            if not pretrained or not _looks_like_download_failure(exc):
+                raise
+            raise WeightsUnavailableError(
+                f"cannot load ImageNet weights for tap {spec.name!r} "
+                f"({_imagenet_tag(spec)}): {type(exc).__name__}: {str(exc)[:200]}. "
+                "No model hub is reachable and no cached copy was found. Either run once "
+                "with internet (torch hub cache ~/.cache/torch, HF cache ~/.cache/huggingface), "
+                "set `extract.weights` to the path of a downloaded state dict, or use "
+                "`extract.weights: random`."
+            ) from exc
+    if weights not in ("random", "imagenet"):
+        _load_state_dict_file(network, Path(weights), spec)
+    return network
+
+
+def _looks_like_download_failure(exc: BaseException) -> bool:
+    # torchvision raises URLError (an OSError), huggingface_hub LocalEntryNotFoundError
+    # (also an OSError); anything else is a genuine bug and must propagate.
+    return isinstance(exc, (OSError, RuntimeError)) or "hub" in type(exc).__module__
+
+
+def _load_state_dict_file(network: nn.Module, path: Path, spec: TapSpec) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(f"{path}: cannot read weights ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = network.state_dict()
+    # The truncated network keeps the full network's parameter names for the layers it has.
+    matched = {k: v for k, v in state.items() if k in own}
+    missing = sorted(set(own) - set(matched))
+    if missing:
+        raise WeightsUnavailableError(
+            f"{path}: weights do not fit tap {spec.name!r}: missing {', '.join(missing[:5])}"
+            f"{' …' if len(missing) > 5 else ''}"
+        )
+    network.load_state_dict(matched, strict=True)
+
+
+def _imagenet_tag(spec: TapSpec) -> str:
+    if spec.name.startswith(TIMM_PREFIX):
+        return f"timm/{spec.name[len(TIMM_PREFIX):].split('/', 1)[0]}"
+    return FAMILIES.get(spec.family).imagenet_tag
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the families
+
+
+class _Sequential(nn.Sequential):
+    """nn.Sequential that keeps the full network's child names (for state-dict loading)."""
+
+
+def _vgg16(cut: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    end = int(re.fullmatch(r"features\[:(\d+)\]", cut).group(1))
+    model = torchvision.models.vgg16(weights="IMAGENET1K_V1" if pretrained else None)
+    features = _Sequential()
+    for i in range(end):
+        features.add_module(str(i), model.features[i])
+    return _Sequential(_named(features=features))
+
+
+def _resnet34(cut: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    model = torchvision.models.resnet34(weights="IMAGENET1K_V1" if pretrained else None)
+    n_layers = int(re.fullmatch(r"layer(\d)", cut).group(1))
+    parts = {"conv1": model.conv1, "bn1": model.bn1, "relu": model.relu, "maxpool": model.maxpool}
+    for i in range(1, n_layers + 1):
+        parts[f"layer{i}"] = getattr(model, f"layer{i}")
+    return _Sequential(_named(**parts))
+
+
+class _ViTPrefix(nn.Module):
+    """timm ViT run up to ``blocks[:n]``; prefix (CLS) tokens dropped, tokens → (N, C, 14, 14)."""
+
+    def __init__(self, model: nn.Module, n_blocks: int) -> None:
+        super().__init__()
+        self.patch_embed = model.patch_embed
+        self.cls_token = model.cls_token
+        self.pos_embed = model.pos_embed
+        self.pos_drop = model.pos_drop
+        self.patch_drop = model.patch_drop
+        self.norm_pre = model.norm_pre
+        self.blocks = model.blocks[:n_blocks]
+        self._model = [model]  # not a submodule: only its _pos_embed logic is borrowed
+        self.num_prefix_tokens = model.num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._model[0]._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x = self.blocks(x)
+        return _tokens_to_grid(x, self.num_prefix_tokens)
+
+
+def _vit_small(cut: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    n_blocks = int(re.fullmatch(r"blocks\[:(\d+)\]", cut).group(1))
+    model = timm.create_model("vit_small_patch16_224", pretrained=pretrained)
+    return _ViTPrefix(model, n_blocks)
+
+
+class _PVTPrefix(nn.Module):
+    """timm PVT-v2 run up to ``stages[:n]`` (stages emit NCHW)."""
+
+    def __init__(self, model: nn.Module, n_stages: int) -> None:
+        super().__init__()
+        self.patch_embed = model.patch_embed
+        self.stages = model.stages[:n_stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.patch_embed(x))
+
+
+def _pvt_v2_b2(cut: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    n_stages = int(re.fullmatch(r"stages\[:(\d+)\]", cut).group(1))
+    model = timm.create_model("pvt_v2_b2", pretrained=pretrained)
+    return _PVTPrefix(model, n_stages)
+
+
+def _named(**modules: nn.Module) -> dict:
+    from collections import OrderedDict
+
+    return OrderedDict(modules)
+
+
+def _tokens_to_grid(tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """(N, prefix + h·w, C) tokens → (N, C, h, w), dropping prefix (CLS/register) tokens."""
+    patches = tokens[:, num_prefix_tokens:, :]
+    n, length, channels = patches.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ParamsError(f"cannot reshape {length} tokens into a square grid")
+    return patches.transpose(1, 2).reshape(n, channels, side, side)
+
+
+# ----------------------------------------------------------------- generic timm:model/module
+
+
+class _StopForward(Exception):
+    """Raised by the tap hook so nothing past the tap runs."""
+
+
+class _HookPrefix(nn.Module):
+    """Any timm model run until ``module_path`` produces its output, then stopped."""
+
+    def __init__(self, model: nn.Module, module_path: str, layout: TokenLayout) -> None:
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._captured: list[torch.Tensor] = []
+        model.get_submodule(module_path).register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _StopForward
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        self._captured.clear()
+        try:
+            self.model.forward_features(x)
+        except _StopForward:
+            return self._captured.pop()
+        raise ParamsError("the tap's module was never reached by forward_features")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.raw(x)
+        if self.layout == "tokens":
+            return _tokens_to_grid(out, self.num_prefix_tokens)
+        if self.layout == "nhwc":
+            return out.permute(0, 3, 1, 2)
+        return out
+
+
+def _parse_timm_tap(name: str) -> tuple[str, str]:
+    body = name[len(TIMM_PREFIX):]
+    if "/" not in body:
+        raise ParamsError(
+            f"tap {name!r}: a timm tap is written `timm:<model>/<module.path>`, "
+            "e.g. `timm:convnext_tiny/stages.0`"
+        )
+    model_name, module_path = body.split("/", 1)
+    return model_name, module_path
+
+
+def _create_timm(model_name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ParamsError(f"unknown timm model {model_name!r}; see `timm.list_models()`")
+    return timm.create_model(model_name, pretrained=pretrained)
+
+
+def _build_timm_hook_network(spec: TapSpec, pretrained: bool) -> nn.Module:
+    model_name, module_path = _parse_timm_tap(spec.name)
+    return _HookPrefix(_create_timm(model_name, pretrained), module_path, spec.layout)
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_spec(name: str) -> TapSpec:
+    """Discover a ``timm:`` tap's layout and shape with one dry forward on random weights."""
+    model_name, module_path = _parse_timm_tap(name)
+    model = _create_timm(model_name, pretrained=False).eval()
+    try:
+        model.get_submodule(module_path)
+    except AttributeError:
+        children = [n for n, _ in model.named_children()]
+        raise ParamsError(
+            f"tap {name!r}: timm model {model_name!r} has no module {module_path!r}; "
+            f"its top-level modules are: {', '.join(children)}"
+        ) from None
+    probe = _HookPrefix(model, module_path, "nchw")
+    with torch.inference_mode():
+        out = probe.raw(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    if out.ndim == 3:
+        grid = _tokens_to_grid(out, probe.num_prefix_tokens)
+        layout: TokenLayout = "tokens"
+        channels, height, width = grid.shape[1:]
+    elif out.ndim == 4:
+        layout = _infer_4d_layout(model, module_path, out)
+        shape = out.shape[1:] if layout == "nchw" else out.permute(0, 3, 1, 2).shape[1:]
+        channels, height, width = shape
+    else:
+        raise ParamsError(f"tap {name!r}: module output has shape {tuple(out.shape)}, not a map")
+    return TapSpec(name, "timm", module_path, int(channels), int(height), int(width), layout)
+
+
+def _infer_4d_layout(model: nn.Module, module_path: str, out: torch.Tensor) -> TokenLayout:
+    # Swin-style timm models emit NHWC; feature_info's declared channels disambiguate.
+    for info in getattr(model, "feature_info", []) or []:
+        if isinstance(info, dict) and info.get("module") == module_path:
+            chs = info.get("num_chs")
+            if out.shape[-1] == chs and out.shape[1] != chs:
+                return "nhwc"
+    return "nchw"
+
+
+# ------------------------------------------------------------------------------ registrations
+
+FAMILIES.add("vgg16", Family(_vgg16, "torchvision/VGG16_Weights.IMAGENET1K_V1"))
+FAMILIES.add("resnet34", Family(_resnet34, "torchvision/ResNet34_Weights.IMAGENET1K_V1"))
+FAMILIES.add("vit_small", Family(_vit_small, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"))
+FAMILIES.add("pvt_v2_b2", Family(_pvt_v2_b2, "timm/pvt_v2_b2.in1k"))
+
+for _spec in (
+    TapSpec("vgg16/block1", "vgg16", "features[:5]", 64, 112, 112, depth=1),
+    TapSpec("vgg16/block3", "vgg16", "features[:17]", 256, 28, 28, depth=3),
+    TapSpec("resnet34/layer1", "resnet34", "layer1", 64, 56, 56, depth=1),
+    TapSpec("resnet34/layer2", "resnet34", "layer2", 128, 28, 28, depth=2),
+    TapSpec("vit_small/block1", "vit_small", "blocks[:1]", 384, 14, 14, "tokens", depth=1),
+    TapSpec("vit_small/block3", "vit_small", "blocks[:3]", 384, 14, 14, "tokens", depth=3),
+    TapSpec("pvt_v2_b2/stage1", "pvt_v2_b2", "stages[:1]", 64, 56, 56, depth=1),
+    TapSpec("pvt_v2_b2/stage2", "pvt_v2_b2", "stages[:2]", 128, 28, 28, depth=2),
+):
+    TAPS.add(_spec.name, _spec)

@@ -1,0 +1,216 @@
+"""Train a decoder (and, for ensembles, a fusion) from cached features.
+
+The encoder is never built or run here: inputs are the tap's feature store(s),
+targets the prepared pixels in [0, 1].  Adam; ReduceLROnPlateau (or cosine) on
+the validation loss; early stopping; best/last checkpoints.  Progress is
+reported through an :class:`EpochLogger` callback — the pipeline wires it to
+dvclive, the library knows nothing about DVC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from featinv.config import Config
+from featinv.decoders import count_parameters
+from featinv.device import resolve_device
+from featinv.feature_store import FeatureStore, expected_fingerprint, store_path
+from featinv.image_store import ImageStore
+from featinv.loader import FeatureBatches
+from featinv.losses import ReconstructionLoss
+from featinv.model import ENSEMBLE, Reconstructor, build_reconstructor, save_checkpoint, spec_dicts
+from featinv.taps import resolve_tap
+
+__all__ = ["EpochLogger", "TrainResult", "train_decoder", "run_taps", "open_feature_stores"]
+
+log = logging.getLogger(__name__)
+
+
+class EpochLogger(Protocol):
+    """Receives per-epoch metrics (``train/loss``, ``val/loss``, ``val/psnr``, ``lr``, ...)."""
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """Summary of a training run (also stored in the checkpoints)."""
+
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped: str  # "epochs" | "early_stop" | "time_budget"
+    train_seconds: float
+    train_steps: int
+    decoder_params: int
+    device: str
+    fallbacks: list[str]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["best_checkpoint"], d["last_checkpoint"] = str(self.best_checkpoint), str(self.last_checkpoint)
+        return d
+
+
+def run_taps(cfg: Config) -> list[str]:
+    """The taps a run reads: ``encoder`` itself, or the ensemble's taps."""
+    return list(cfg.study.ensemble_taps) if cfg.encoder == ENSEMBLE else [cfg.encoder]
+
+
+def open_feature_stores(cfg: Config, images: ImageStore, features_dir: str | Path) -> list[FeatureStore]:
+    """Open (and fingerprint-check) the feature stores of the run's taps.
+
+    Raises:
+        StoreIncompleteError / StoreMismatchError: a store is missing or was made differently.
+    """
+    stores = []
+    for tap in run_taps(cfg):
+        spec = resolve_tap(tap)
+        expected = expected_fingerprint(spec, cfg.extract.weights, cfg.extract.weights_seed, images.fingerprint)
+        stores.append(FeatureStore(store_path(features_dir, tap), expected=expected))
+    return stores
+
+
+def train_decoder(
+    cfg: Config,
+    images_path: str | Path,
+    features_dir: str | Path,
+    out_dir: str | Path,
+    logger: EpochLogger | None = None,
+) -> TrainResult:
+    """Train the configured decoder on the cached features; write ``best.pt`` and ``last.pt``.
+
+    Args:
+        cfg: the full run config (``encoder``, ``fusion``, ``decoder``, ``train``, ``extract``).
+        images_path: the prepared image store (targets).
+        features_dir: directory of feature stores (``<dir>/<tap>.zarr``).
+        out_dir: where the checkpoints go.
+        logger: per-epoch metrics sink.
+
+    Raises:
+        StoreMismatchError: a store's fingerprint does not match ``cfg``.
+        WeightsUnavailableError: ``train.loss.lpips`` > 0 without LPIPS weights.
+    """
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    images = ImageStore(images_path)
+    stores = open_feature_stores(cfg, images, features_dir)
+    device, fallbacks = resolve_device(tc.device, "train.device")
+    criterion = ReconstructionLoss(tc.loss).to(device)
+
+    torch.manual_seed(tc.seed)
+    specs = [s.spec for s in stores]
+    model = build_reconstructor(specs, cfg.decoder, cfg.fusion if cfg.encoder == ENSEMBLE else None,
+                                images.crop).to(device)
+    n_params = count_parameters(model)
+    log.info("training %s on %s (%d parameters) on %s", cfg.decoder, cfg.encoder, n_params, device)
+
+    train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
+                                   tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
+                                   limit=tc.max_train_samples, drop_last=True)
+    val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"),
+                                 max(tc.batch_size, 8), ram_cache_gb=tc.ram_cache_gb)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
+
+    meta = {
+        "encoder": cfg.encoder,
+        "fusion": cfg.fusion if cfg.encoder == ENSEMBLE else None,
+        "decoder": cfg.decoder,
+        "taps": spec_dicts(specs),
+        "weights": stores[0].attrs["weights"],
+        "store_fingerprints": {s.spec.name: s.attrs["fingerprint"] for s in stores},
+        "images_fingerprint": images.fingerprint,
+        "resize": int(images.attrs["preprocessing"]["resize"]),
+        "crop": images.crop,
+        "config": dataclasses.asdict(cfg),
+        "extract": dataclasses.asdict(cfg.extract),
+    }
+    best_loss, best_epoch, stale, steps = math.inf, 0, 0, 0
+    stopped = "epochs"
+    start = time.perf_counter()
+    epoch = 0
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        total, seen = 0.0, 0
+        for feats, target in train_batches:
+            feats, target = [f.to(device, non_blocking=True) for f in feats], target.to(device)
+            loss, _ = criterion(model(feats), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if tc.scheduler == "cosine":
+                scheduler.step()
+            total += float(loss.detach()) * target.shape[0]
+            seen += target.shape[0]
+            steps += 1
+        val_loss, val_psnr = _validate(model, val_batches, criterion, device)
+        if tc.scheduler == "plateau":
+            scheduler.step(val_loss)
+        improved = val_loss < best_loss
+        metrics = {"train/loss": total / max(seen, 1), "val/loss": val_loss, "val/psnr": val_psnr,
+                   "lr": optimizer.param_groups[0]["lr"]}
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if logger is not None:
+            logger.log_epoch(epoch, metrics)
+        if improved:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            save_checkpoint(out_dir / "best.pt", model, meta, epoch=epoch, best_val_loss=val_loss)
+        else:
+            stale += 1
+        save_checkpoint(out_dir / "last.pt", model, meta, epoch=epoch, best_val_loss=best_loss,
+                        optimizer=optimizer.state_dict())
+        if stale >= tc.early_stop_patience:
+            stopped = "early_stop"
+            break
+        if tc.max_minutes is not None and time.perf_counter() - start >= tc.max_minutes * 60:
+            stopped = "time_budget"
+            break
+    seconds = time.perf_counter() - start
+    result = TrainResult(out_dir / "best.pt", out_dir / "last.pt", best_epoch, best_loss, epoch, stopped,
+                         seconds, steps, n_params, str(device), fallbacks)
+    # Record the run summary in the best checkpoint too, so evaluation can report it.
+    _annotate(out_dir / "best.pt", {"train_result": result.to_dict()})
+    return result
+
+
+def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device) -> tuple[float, float]:
+    model.eval()
+    total, psnr_sum, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for feats, target in batches:
+            feats, target = [f.to(device) for f in feats], target.to(device)
+            pred = model(feats)
+            loss, _ = criterion(pred, target)
+            mse = ((pred - target) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            total += float(loss) * target.shape[0]
+            psnr_sum += float((-10 * torch.log10(mse)).sum())
+            n += target.shape[0]
+    return total / max(n, 1), psnr_sum / max(n, 1)
+
+
+def _scheduler(optimizer, kind: str, tc, steps: int):
+    if kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=tc.plateau_patience,
+                                                          factor=tc.plateau_factor)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=max(steps, 1),
+                                                   pct_start=0.05, anneal_strategy="cos")
+    return None
+
+
+def _annotate(path: Path, extra: dict) -> None:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload.update(extra)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
