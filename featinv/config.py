@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "from_mapping",
     "load_params",
+    "with_overrides",
 ]
 
 DataSource = Literal["sample", "folder", "div2k"]
@@ -244,3 +245,27 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ParamsError(f"`{path}` must be true or false, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint!r} at {path}")  # internal: a new field type
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``KEY=VALUE`` overrides (dotted keys, YAML values) and re-validate.
+
+    Raises:
+        ParamsError: malformed override, unknown key, or invalid value.
+    """
+    raw = dataclasses.asdict(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r}: expected KEY=VALUE, e.g. decoder=wavelet")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"override {item!r}: `{key}` is not a param")
+            node = node[part]
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return Config.from_params(raw)

@@ -46,8 +46,11 @@ MIN_WIDTH = 64
 MAX_WIDTH = 128
 # Sides at or below this get MAX_WIDTH channels; wider grids get proportionally fewer.
 FULL_WIDTH_SIDE = 28
-# Start with small detail bands so the initial image is a smooth LL upsampling, not noise.
-BAND_INIT_GAIN = 0.1
+# Band logits are scaled down before the Tanh: it starts the image as a smooth LL
+# upsampling rather than noise, and keeps Adam's sign-sized steps on these wide
+# 3×3 heads from slamming the Tanh into saturation, where band gradients vanish
+# (without it a fixed batch stalls at lr 1e-2).
+BAND_LOGIT_SCALE = 0.1
 EPS = 1e-6
 
 
@@ -135,10 +138,6 @@ class WaveletDecoder(nn.Module):
         self.band_heads = nn.ModuleList(
             nn.Conv2d(widths[k], 9, 3, padding=1) for k in range(self.levels)
         )
-        for head in self.band_heads:
-            nn.init.zeros_(head.bias)
-            with torch.no_grad():
-                head.weight.mul_(BAND_INIT_GAIN)
         self.refiners = nn.ModuleList(
             nn.Sequential(
                 nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
@@ -157,7 +156,7 @@ class WaveletDecoder(nn.Module):
         mean01 = torch.sigmoid(self.ll_head(feats))
         for k in range(self.levels):
             coeff_scale = 2.0 ** (self.levels - k)  # orthonormal LL = coeff_scale · mean01
-            t = torch.tanh(self.band_heads[k](feats))
+            t = torch.tanh(BAND_LOGIT_SCALE * self.band_heads[k](feats))
             t_lh, t_hl, t_hh = t.unflatten(1, (3, 3)).unbind(dim=1)
             headroom = torch.minimum(mean01, 1.0 - mean01)
             extent = t_lh.abs() + t_hl.abs() + t_hh.abs()

@@ -1,0 +1,181 @@
+"""Evaluate a trained run on the test split: metrics JSON, per-image CSV, reconstruction grid.
+
+The decoder reads the same cached test features it was trained against (the
+checkpoint records each store's fingerprint and evaluation refuses any other).
+With ``refine > 0`` the decoder's output is then refined by feature matching
+(:mod:`featinv.refine`) — the one place the encoder runs outside extraction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from featinv.config import EvaluateConfig
+from featinv.device import resolve_device
+from featinv.errors import StoreMismatchError
+from featinv.feature_store import FeatureStore, store_path
+from featinv.image_store import ImageStore
+from featinv.loader import FeatureBatches
+from featinv.metrics import LpipsMetric, image_metrics, summarize
+from featinv.model import load_checkpoint
+from featinv.render import comparison_rows, save_png, side_by_side
+
+__all__ = ["evaluate_run", "predict_split", "write_json"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(
+    checkpoint: str | Path,
+    images_path: str | Path,
+    features_dir: str | Path,
+    cfg: EvaluateConfig,
+    metrics_json: str | Path,
+    per_image_csv: str | Path,
+    grid_png: str | Path,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the test split and write its three reports.
+
+    Returns:
+        The metrics dict written to ``metrics_json`` (``psnr``/``ssim``/``lpips`` each
+        ``{mean, std, min, max}``, or ``lpips: null`` when LPIPS is unavailable).
+
+    Raises:
+        CheckpointError: unreadable checkpoint.
+        StoreMismatchError: the stores are not the ones the run was trained on.
+    """
+    device, fallbacks = resolve_device(cfg.device, "evaluate.device")
+    model, meta = load_checkpoint(checkpoint)
+    model.to(device)
+    images = ImageStore(images_path)
+    stores = _stores_of(meta, features_dir)
+    ids = images.ids("test")
+    start = time.perf_counter()
+    preds, targets = predict_split(model, stores, images, "test", device)
+    decode_seconds = time.perf_counter() - start
+    refine_info: dict[str, Any] = {"steps": 0}
+    refined = None
+    if cfg.refine > 0:
+        from featinv.refine import refine_reconstructions
+
+        refined, refine_info = refine_reconstructions(preds, stores, meta, cfg, device)
+    final = refined if refined is not None else preds
+
+    rows = image_metrics(targets, final)
+    lpips_metric = LpipsMetric(device)
+    for row, value in zip(rows, lpips_metric(targets, final)):
+        row["lpips"] = value
+    if refined is not None:
+        for row, base in zip(rows, image_metrics(targets, preds)):
+            row["psnr_decoder"], row["ssim_decoder"] = base["psnr"], base["ssim"]
+
+    metrics = {
+        "psnr": summarize(r["psnr"] for r in rows),
+        "ssim": summarize(r["ssim"] for r in rows),
+        "lpips": summarize(r["lpips"] for r in rows),
+        "n_images": len(rows),
+        "encoder": meta["encoder"],
+        "fusion": meta.get("fusion"),
+        "decoder": meta["decoder"],
+        "weights": meta["weights"],
+        "decoder_params": meta["decoder_params"],
+        "train": _train_summary(meta),
+        "refine": refine_info,
+        "decode_seconds": decode_seconds,
+        "device": str(device),
+        "notes": fallbacks + ([lpips_metric.note] if lpips_metric.note else []) + _store_notes(stores),
+    }
+    if refined is not None:
+        metrics["decoder_only"] = {"psnr": summarize(r["psnr_decoder"] for r in rows),
+                                   "ssim": summarize(r["ssim_decoder"] for r in rows)}
+    write_json(metrics_json, metrics)
+    _write_csv(per_image_csv, ids, rows)
+    _write_grid(grid_png, targets, final, rows, meta, limit=cfg.grid_images)
+    log.info("test PSNR %.2f dB, SSIM %.3f over %d images", metrics["psnr"]["mean"], metrics["ssim"]["mean"], len(rows))
+    return metrics
+
+
+def predict_split(
+    model: torch.nn.Module, stores: list[FeatureStore], images: ImageStore, split: str,
+    device: torch.device, batch_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder reconstructions and targets, both (N, 3, H, W) float in [0, 1], on the CPU."""
+    batches = FeatureBatches([s.split(split) for s in stores], images.pixels(split), batch_size)
+    preds, targets = [], []
+    model.eval()
+    with torch.no_grad():
+        for feats, target in batches:
+            preds.append(model([f.to(device) for f in feats]).float().cpu())
+            targets.append(target)
+    return torch.cat(preds), torch.cat(targets)
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically (a reader never sees half a metrics file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _stores_of(meta: dict, features_dir: str | Path) -> list[FeatureStore]:
+    stores = []
+    for spec in meta["taps"]:
+        store = FeatureStore(store_path(features_dir, spec["name"]))
+        wanted = meta["store_fingerprints"][spec["name"]]
+        if store.attrs["fingerprint"] != wanted:
+            raise StoreMismatchError(
+                f"{store.path} is not the store this run was trained on (fingerprint "
+                f"{store.attrs['fingerprint'][:12]}…, checkpoint expects {wanted[:12]}…); re-run training"
+            )
+        stores.append(store)
+    return stores
+
+
+def _store_notes(stores: list[FeatureStore]) -> list[str]:
+    notes = []
+    for store in stores:
+        notes += [f"extract {store.spec.name}: {note}" for note in store.attrs.get("fallbacks", [])]
+        if store.attrs["weights"].startswith("random"):
+            notes.append(f"{store.spec.name}: encoder weights are random ({store.attrs['weights']}), not pretrained")
+    return notes
+
+
+def _train_summary(meta: dict) -> dict:
+    result = meta.get("train_result", {})
+    keys = ("best_epoch", "epochs_run", "stopped", "train_seconds", "train_steps", "best_val_loss")
+    return {k: result.get(k) for k in keys}
+
+
+def _write_csv(path: str | Path, ids: list[str], rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["image", *rows[0].keys()]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for image_id, row in zip(ids, rows):
+            writer.writerow({"image": image_id, **{k: ("" if v is None else v) for k, v in row.items()}})
+    os.replace(tmp, path)
+
+
+def _write_grid(path, targets, preds, rows, meta, limit: int) -> None:
+    picks = np.linspace(0, len(rows) - 1, num=min(limit, len(rows))).round().astype(int)
+    panels = []
+    for i in dict.fromkeys(picks.tolist()):
+        target = targets[i].permute(1, 2, 0).numpy()
+        pred = preds[i].clamp(0, 1).permute(1, 2, 0).numpy()
+        panels.append(side_by_side(target, pred, f"PSNR {rows[i]['psnr']:.2f} dB · SSIM {rows[i]['ssim']:.3f}"))
+    run = meta["encoder"] if not meta.get("fusion") else f"ensemble/{meta['fusion']}"
+    save_png(comparison_rows(panels, title=f"{run} + {meta['decoder']} ({meta['weights']})"), path)
