@@ -37,15 +37,18 @@ def load_lpips() -> nn.Module:
         # lpips prints a banner on construction; the library never prints.
         import contextlib
         import io
+        import warnings
 
-        with contextlib.redirect_stdout(io.StringIO()):
+        # lpips calls torchvision with the deprecated `pretrained=` argument; that noise is not ours.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             model = lpips.LPIPS(net="alex", pretrained=True, verbose=False)
     except Exception as exc:
         raise WeightsUnavailableError(
             "LPIPS needs torchvision's pretrained AlexNet (alexnet-owt-7be5be79.pth), which "
             f"could not be loaded ({type(exc).__name__}: {str(exc)[:160]}). Put it in the torch hub "
             "cache (~/.cache/torch/hub/checkpoints/) by running once with internet, or set "
-            "`train.loss.lpips: 0`."
+            "`train.loss.lpips: 0` (the LPIPS metric is then recorded as null)."
         ) from exc
     model.eval().requires_grad_(False)
     return model

@@ -9,7 +9,6 @@ can be loaded and is ``None`` otherwise — never computed on random weights.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -26,8 +25,10 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON needs a number
 
 def psnr(target01_hwc: np.ndarray, pred01_hwc: np.ndarray) -> float:
     """PSNR in dB for data range 1 (capped at 100 dB for identical images)."""
-    value = peak_signal_noise_ratio(target01_hwc.astype(np.float64), pred01_hwc.astype(np.float64), data_range=1.0)
-    return float(min(value, PSNR_CAP_DB)) if math.isfinite(value) else PSNR_CAP_DB
+    target, pred = target01_hwc.astype(np.float64), pred01_hwc.astype(np.float64)
+    if np.array_equal(target, pred):
+        return PSNR_CAP_DB
+    return float(min(peak_signal_noise_ratio(target, pred, data_range=1.0), PSNR_CAP_DB))
 
 
 def ssim(target01_hwc: np.ndarray, pred01_hwc: np.ndarray) -> float:

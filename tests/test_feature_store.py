@@ -1,0 +1,76 @@
+"""The feature store: fingerprints, reuse, atomic writes and exact resume."""
+
+import numpy as np
+import pytest
+
+import featinv.feature_store as fs
+from featinv.config import ExtractConfig
+from featinv.errors import StoreIncompleteError, StoreMismatchError
+from featinv.feature_store import FeatureStore, expected_fingerprint, extract_features, store_path
+from featinv.image_store import ImageStore
+from featinv.taps import resolve_tap
+
+from conftest import TINY_EXTRACT
+
+
+def test_store_layout_and_attrs(tiny_images, tiny_features):
+    store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
+    train = store.split("train")
+    assert train.shape == (12, 64, 112, 112) and train.dtype == np.float16
+    assert train.chunks[0] == 1
+    assert store.attrs["weights"] == "random:seed=0"
+    assert store.attrs["device"] == "cpu"
+    assert store.attrs["image_ids"]["test"] == ImageStore(tiny_images).ids("test")
+
+
+def test_fingerprint_mismatch_says_what_differs(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    spec = resolve_tap("vgg16/block1")
+    ok = expected_fingerprint(spec, "random", 0, images.fingerprint)
+    FeatureStore(store_path(tiny_features, "vgg16/block1"), expected=ok)
+    wrong = expected_fingerprint(spec, "random", 1, images.fingerprint)
+    with pytest.raises(StoreMismatchError, match="weights: store has 'random:seed=0', params want 'random:seed=1'"):
+        FeatureStore(store_path(tiny_features, "vgg16/block1"), expected=wrong)
+
+
+def test_matching_store_is_reused_without_running_the_encoder(tiny_images, tiny_features, monkeypatch):
+    monkeypatch.setattr(fs, "build_encoder", lambda *a, **k: pytest.fail("encoder built"))
+    report = extract_features(tiny_images, "vgg16/block1", store_path(tiny_features, "vgg16/block1"), TINY_EXTRACT)
+    assert report.reused and report.computed == 0
+
+
+def test_killed_extraction_resumes_to_an_identical_store(tiny_images, tmp_path, monkeypatch):
+    cfg = ExtractConfig(device="cpu", batch_size=2)
+    reference = tmp_path / "ref.zarr"
+    extract_features(tiny_images, "resnet34/layer1", reference, cfg)
+
+    out = tmp_path / "resumed.zarr"
+    real_forward = fs._forward
+    calls = {"n": 0}
+
+    def dying_forward(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed half-way through the train split
+        return real_forward(*args)
+
+    monkeypatch.setattr(fs, "_forward", dying_forward)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(tiny_images, "resnet34/layer1", out, cfg)
+    assert not out.exists()  # nothing that looks complete
+    with pytest.raises(StoreIncompleteError, match="interrupted"):
+        FeatureStore(out)
+
+    monkeypatch.setattr(fs, "_forward", real_forward)
+    report = extract_features(tiny_images, "resnet34/layer1", out, cfg)
+    total = sum(report.counts.values())
+    assert report.computed == total - 6  # three batches of two were already on disk
+    a, b = FeatureStore(reference), FeatureStore(out)
+    for split in ("train", "val", "test"):
+        assert np.array_equal(a.split(split)[:], b.split(split)[:])
+    assert a.attrs["fingerprint"] == b.attrs["fingerprint"]
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreIncompleteError, match="dvc repro"):
+        FeatureStore(tmp_path / "nothing.zarr")
