@@ -151,6 +151,156 @@ def evaluate(checkpoint: Path = Path("data/train/best.pt"), images: Path = Path(
                   f"LPIPS {'n/a' if lp is None else f'{lp:.3f}'} over {m['n_images']} test images")
 
 
+@app.command()
+@_handles_errors
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(help="image files (JPEG, PNG, …)")],
+    run: Annotated[str, typer.Option(help="a checkpoint, a run directory holding best.pt, or a DVC experiment name")]
+    = "data/train/best.pt",
+    refine: Annotated[int, typer.Option(help="feature-matching refinement steps")] = 0,
+    refine_lr: float = 0.01,
+    refine_tv: float = 0.0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("reconstruction.png"),
+    device: str = "auto",
+) -> None:
+    """Reconstruct your own images through a trained run; writes original | reconstruction | difference."""
+    from featinv.device import resolve_device
+    from featinv.reconstruct import reconstruct_images, render_reconstructions
+
+    checkpoint = _resolve_run(run)
+    dev, _ = resolve_device(device, "--device")
+    results = reconstruct_images(images, checkpoint, refine, refine_lr, refine_tv, dev)
+    render_reconstructions(results, out, title=f"{run}" + (f" + {refine} refinement steps" if refine else ""))
+    for r in results:
+        console.print(f"{r.path}: PSNR {r.psnr:.2f} dB · SSIM {r.ssim:.3f}")
+    console.print(f"wrote {out}")
+
+
+def _resolve_run(run: str) -> Path:
+    """A checkpoint path for ``run``: a file, a directory with best.pt, or a DVC experiment's train output.
+
+    Experiments are looked up through git (their refs and dvc.lock) and DVC's cache layout,
+    without importing DVC.
+    """
+    import subprocess
+
+    import yaml
+
+    from featinv.errors import CheckpointError
+
+    path = Path(run)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "best.pt").is_file():
+        return path / "best.pt"
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"],
+                          capture_output=True, text=True).stdout.split("\n")
+    matches = [line.split()[1] for line in refs if line and line.split()[0].endswith(f"/{run}")]
+    if not matches:
+        raise CheckpointError(f"--run {run!r}: no such checkpoint, run directory or DVC experiment "
+                              "(see `dvc exp show`)")
+    lock = subprocess.run(["git", "show", f"{matches[0]}:dvc.lock"], capture_output=True, text=True).stdout
+    outs = (yaml.safe_load(lock) or {}).get("stages", {}).get("train", {}).get("outs", [])
+    md5 = next((o["md5"] for o in outs if o["path"].endswith("best.pt")), None)
+    cached = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:] if md5 else None
+    if cached is None or not cached.is_file():
+        raise CheckpointError(f"experiment {run!r}: its best.pt is not in the local DVC cache")
+    return cached
+
+
+STUDY_DVC_YAML = "study/dvc.yaml"
+
+
+@app.command()
+@_handles_errors
+def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs without running them")] = False,
+          as_json: JsonOpt = False,
+          plan: Annotated[bool, typer.Option("--plan", help="show DVC's plan: which extract stages feed which runs")]
+          = False,
+          params: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the whole study (every tap × decoder + fusion × decoder) on one shared feature cache.
+
+    Drives `dvc repro study/dvc.yaml`: each tap is extracted once by the root pipeline's
+    extract@<tap> stage, every run trains from the cached stores, and the leaderboard lands in
+    study/results/.
+    """
+    from featinv.errors import ParamsError
+    from featinv.study import plan_runs
+
+    cfg = load_params(params)
+    runs = plan_runs(cfg)
+    if list_runs:
+        if as_json:
+            typer.echo(json.dumps([r.to_dict() for r in runs], indent=2))
+        else:
+            for i, r in enumerate(runs, 1):
+                console.print(f"{i:3d}  {r.label:24s} {r.decoder}")
+        return
+    missing = sorted(set(cfg.study.taps or cfg.taps) - set(cfg.taps))
+    missing += sorted(set(cfg.study.ensemble_taps) - set(cfg.taps)) if cfg.study.fusions else []
+    if missing:
+        raise ParamsError(f"study taps {', '.join(sorted(set(missing)))} are not in `taps`, so nothing extracts "
+                          "them; add them to `taps` in params.yaml")
+    if plan:
+        feeds = _study_plan()
+        extracts = sorted({e for sources in feeds.values() for e in sources})
+        if as_json:
+            typer.echo(json.dumps({"extract_stages": extracts, "runs": feeds}, indent=2))
+        else:
+            for run_stage, sources in feeds.items():
+                console.print(f"{run_stage}  ←  {', '.join(sources)}")
+            console.print(f"{len(extracts)} extract stages (each runs at most once per `dvc repro`) "
+                          f"feed {len(feeds)} training runs")
+        return
+    counts = _run_dvc_repro([STUDY_DVC_YAML])
+    extracted = {k: v for k, v in counts.items() if k.startswith("extract@")}
+    trained = sum(v for k, v in counts.items() if k.split("@")[0] in ("study/dvc.yaml:run", "study/dvc.yaml:ensemble"))
+    console.print(f"[bold]study:[/] {len(runs)} runs planned; ran {trained} training runs and "
+                  f"{len(extracted)} extractions ({', '.join(f'{k[8:]}×{v}' for k, v in extracted.items()) or 'all cached'})")
+    console.print("leaderboard: study/results/leaderboard.md · figures: study/results/*.png · "
+                  "compare: `dvc metrics show`")
+
+
+def _study_plan() -> dict[str, list[str]]:
+    """Each study run stage → the extract stages it reads, from `dvc dag --dot` (nothing runs)."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", "dag", "--dot", STUDY_DVC_YAML],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FeatinvError(f"`dvc dag {STUDY_DVC_YAML}` failed: {proc.stderr.strip()[-300:]}")
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', proc.stdout)
+    nodes = re.findall(r'^"([^"]+)";$', proc.stdout, flags=re.M)
+    runs = [n for n in nodes if n.startswith((f"{STUDY_DVC_YAML}:run@", f"{STUDY_DVC_YAML}:ensemble@"))]
+    return {r: sorted(a for a, b in edges if b == r and a.startswith("extract@")) for r in runs}
+
+
+def _run_dvc_repro(targets: list[str], dry: bool = False) -> dict[str, int]:
+    """Run `dvc repro <targets>`, streaming its output; return how often each stage ran."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    # Stage commands call `python`: make it this interpreter, so the study runs in this environment.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [sys.executable, "-m", "dvc", "repro", *targets] + (["--dry"] if dry else [])
+    counts: collections.Counter[str] = collections.Counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            match = re.match(r"Running stage '([^']+)'", line)
+            if match:
+                counts[match.group(1)] += 1
+    if proc.returncode != 0:
+        raise FeatinvError(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}); see the output above")
+    return dict(counts)
+
+
 PRESETS: dict[str, dict[str, object]] = {
     # The published study's protocol (DIV2K, ImageNet weights, its loss and schedule).
     "paper": {

@@ -42,7 +42,7 @@ class DataConfig:
 
     source: DataSource = "sample"  # sample (offline, skimage photos) | folder | div2k
     train_dir: str | None = None  # folder source: training (+ validation) images
-    test_dir: str | None = None  # folder source: optional separate test set
+    test_dir: str | tuple[str, ...] | None = None  # folder source: optional separate test set(s)
     root: str = "data/raw"  # div2k source: where archives are downloaded and extracted
     base_url: str = "https://data.vision.ee.ethz.ch/cvl/DIV2K/"
     val_fraction: float = 0.2  # of the training images (DIV2K: 160 of 800)
@@ -93,7 +93,8 @@ class TrainConfig:
     seed: int = 42
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     ram_cache_gb: float = 4.0  # load a split's features into RAM when it fits this budget
-    max_train_samples: int | None = None  # cap on training samples per epoch (quick runs)
+    samples_per_epoch: int | None = None  # a seeded random subset per epoch (None = every sample)
+    feature_crop: int | None = None  # train on random h×w feature crops (fully convolutional decoders)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +121,8 @@ class StudyConfig:
         "vit_small/block1",
         "pvt_v2_b2/stage1",
     )
-    epochs: int = 3
+    epochs: int = 3  # per run: the study trains 44 runs, so each gets a short budget
+    samples_per_epoch: int | None = None  # per run, a seeded random subset of the training views
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,7 +109,8 @@ class ProjectedFusion(nn.Module):
         """
         if len(feats) != len(self.in_shapes):
             raise ParamsError(
-                f"fusion was built for {len(self.in_shapes)} encoders; got {len(feats)} feature maps"
+                f"fusion was built for {len(self.in_shapes)} encoders; "
+                f"got {len(feats)} feature maps"
             )
         aligned = []
         for k, (feats_nchw, shape, proj) in enumerate(zip(feats, self.in_shapes, self.projections)):

@@ -33,7 +33,8 @@ class FeatureBatches:
         shuffle: reshuffle every epoch (seeded by ``seed`` + epoch).
         seed: shuffling seed.
         ram_cache_gb: load features into RAM when their total size is at most this.
-        limit: use only the first ``limit`` samples (quick runs).
+        samples_per_epoch: draw this many samples per epoch (a seeded random subset;
+            None = every sample).
         drop_last: drop a final incomplete batch (keeps BatchNorm statistics sane).
 
     Yields:
@@ -49,18 +50,19 @@ class FeatureBatches:
         shuffle: bool = False,
         seed: int = 0,
         ram_cache_gb: float = 4.0,
-        limit: int | None = None,
+        samples_per_epoch: int | None = None,
         drop_last: bool = False,
     ) -> None:
         n = int(pixel_array.shape[0])
         for arr in feature_arrays:
             if int(arr.shape[0]) != n:
                 raise ValueError(f"feature array has {arr.shape[0]} samples, pixels {n}")
-        self.n = n if limit is None else min(n, limit)
+        self.n = n
+        self.per_epoch = n if samples_per_epoch is None else min(n, samples_per_epoch)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last and self.n > batch_size
+        self.drop_last = drop_last and self.per_epoch > batch_size
         self.epoch = 0
         feature_bytes = sum(int(np.prod(a.shape[1:])) * 2 * self.n for a in feature_arrays)
         self.in_ram = feature_bytes <= ram_cache_gb * 2**30
@@ -72,13 +74,13 @@ class FeatureBatches:
         self.pixels = np.asarray(pixel_array[: self.n])  # uint8: small next to the features
 
     def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
+        full, rest = divmod(self.per_epoch, self.batch_size)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            return np.arange(self.per_epoch)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[: self.per_epoch]
 
     def _read(self, index: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
         index = np.sort(index)  # sorted reads touch chunks in order
@@ -92,7 +94,7 @@ class FeatureBatches:
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         order = self._order()
         self.epoch += 1
-        batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.drop_last and len(batches[-1]) < self.batch_size:
             batches.pop()
         if self.in_ram:

@@ -83,7 +83,7 @@ def refine_images(
         history.append(float(loss.detach()))
         if early_stop and len(history) > PLATEAU_WINDOW:
             old = history[-PLATEAU_WINDOW - 1]
-            if old - history[-1] < PLATEAU_REL * old:
+            if old - history[-1] <= PLATEAU_REL * old:
                 break
     with torch.no_grad():
         final = float(feature_loss(x))
@@ -115,3 +115,40 @@ def refine_reconstructions(
     log.info("refined %d images: %d steps in %.1fs, feature loss %.4g → %.4g", preds01.shape[0],
              report["steps"], report["seconds"], report["feature_loss_initial"], report["feature_loss_final"])
     return refined.cpu(), report
+
+
+def choose_refinement(
+    preds01: torch.Tensor,
+    targets01: torch.Tensor,
+    encoders: list[TapEncoder],
+    feature_targets: list[torch.Tensor],
+    candidates: list[dict[str, float]],
+    steps: int,
+) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+    """Pick refinement settings on a validation batch (never the test set).
+
+    Args:
+        preds01, targets01: decoder outputs and true pixels of the validation split.
+        encoders, feature_targets: as for :func:`refine_images`.
+        candidates: settings to try, each ``{"lr": ..., "tv": ...}``.
+        steps: refinement steps per candidate.
+
+    Returns:
+        The best candidate by mean validation PSNR — or None when no candidate beats the
+        decoder alone (refinement is then off for this tap) — and every candidate's score.
+    """
+    from featinv.metrics import image_metrics
+
+    def mean_psnr(images: torch.Tensor) -> float:
+        return float(sum(r["psnr"] for r in image_metrics(targets01, images.cpu())) / len(images))
+
+    baseline = mean_psnr(preds01)
+    scores = []
+    for cand in candidates:
+        refined, report = refine_images(preds01, encoders, feature_targets, steps, cand["lr"], cand.get("tv", 0.0))
+        scores.append({**cand, "val_psnr": mean_psnr(refined), "val_psnr_decoder": baseline,
+                       "steps": report["steps"], "seconds": report["seconds"]})
+    best = max(scores, key=lambda s: s["val_psnr"], default=None)
+    if best is None or best["val_psnr"] <= baseline:
+        return None, scores
+    return {k: best[k] for k in ("lr", "tv")}, scores

@@ -115,7 +115,14 @@ def _folder(cfg: DataConfig, seed: int) -> SourcePools:
         raise ParamsError("data.source is 'folder' but `data.train_dir` is not set")
     pool = _cap(_folder_images(Path(cfg.train_dir), "data.train_dir", cfg.crop), cfg.max_images)
     if cfg.test_dir:
-        test = _cap(_folder_images(Path(cfg.test_dir), "data.test_dir", cfg.crop), cfg.max_images)
+        test_dirs = [cfg.test_dir] if isinstance(cfg.test_dir, str) else list(cfg.test_dir)
+        test = []
+        for test_dir in test_dirs:
+            images = _folder_images(Path(test_dir), "data.test_dir", cfg.crop)
+            if len(test_dirs) > 1:  # ids stay unique across sets: "CSet5/baby"
+                images = [SourceImage(f"{Path(test_dir).name}/{i.id}", i.load) for i in images]
+            test += images
+        test = _cap(test, cfg.max_images)
     else:
         pool, test = split_pool(pool, cfg.test_fraction, seed)
     train, val = split_pool(pool, cfg.val_fraction, seed)

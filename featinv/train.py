@@ -112,11 +112,12 @@ def train_decoder(
     model = build_reconstructor(specs, cfg.decoder, cfg.fusion if cfg.encoder == ENSEMBLE else None,
                                 images.crop).to(device)
     n_params = count_parameters(model)
+    crop = _feature_crop(tc.feature_crop, model, specs, images.crop)
     log.info("training %s on %s (%d parameters) on %s", cfg.decoder, cfg.encoder, n_params, device)
 
     train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
                                    tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
-                                   limit=tc.max_train_samples, drop_last=True)
+                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"),
                                  max(tc.batch_size, 8), ram_cache_gb=tc.ram_cache_gb)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -137,6 +138,7 @@ def train_decoder(
     }
     best_loss, best_epoch, stale, steps = math.inf, 0, 0, 0
     stopped = "epochs"
+    generator = torch.Generator().manual_seed(tc.seed)
     start = time.perf_counter()
     epoch = 0
     for epoch in range(1, tc.epochs + 1):
@@ -144,6 +146,8 @@ def train_decoder(
         total, seen = 0.0, 0
         for feats, target in train_batches:
             feats, target = [f.to(device, non_blocking=True) for f in feats], target.to(device)
+            if crop is not None:
+                feats, target = _random_crop(feats[0], target, crop, generator)
             loss, _ = criterion(model(feats), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,6 +185,34 @@ def train_decoder(
     # Record the run summary in the best checkpoint too, so evaluation can report it.
     _annotate(out_dir / "best.pt", {"train_result": result.to_dict()})
     return result
+
+
+def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -> tuple[int, int] | None:
+    """(feature crop, pixel scale) when training on feature crops; validates the setting."""
+    if size is None:
+        return None
+    from featinv.errors import ParamsError
+
+    if len(specs) != 1 or not getattr(model.decoder, "fully_convolutional", False):
+        raise ParamsError(
+            "`train.feature_crop` needs a single tap and a fully convolutional decoder "
+            "(transposed_conv, residual_shuffle); set it to null"
+        )
+    height = specs[0].height
+    if not 0 < size <= height or crop_px % height:
+        raise ParamsError(f"`train.feature_crop` = {size} must be in 1..{height} for tap {specs[0].name}")
+    return size, crop_px // height
+
+
+def _random_crop(feats: torch.Tensor, target: torch.Tensor, crop: tuple[int, int], generator: torch.Generator):
+    """The same random window of every sample's features and the matching pixels."""
+    size, scale = crop
+    height, width = feats.shape[-2:]
+    top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+    f = feats[..., top : top + size, left : left + size]
+    t = target[..., top * scale : (top + size) * scale, left * scale : (left + size) * scale]
+    return [f.contiguous()], t.contiguous()
 
 
 def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device) -> tuple[float, float]:

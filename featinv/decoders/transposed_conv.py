@@ -27,6 +27,8 @@ class TransposedConvDecoder(nn.Module):
         out_size: side of the square output.
     """
 
+    fully_convolutional = True
+
     def __init__(self, in_shape: tuple[int, int, int], out_size: int = 224) -> None:
         super().__init__()
         channels, height, _ = in_shape

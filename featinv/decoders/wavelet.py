@@ -13,7 +13,7 @@ base = out_size / 2^levels, e.g. 14, or 28 for h = 24)::
       → trunk: Conv1×1 → width, then 2 × [Conv3×3, BN, ReLU]                    f at base
       → mean01 = sigmoid(Conv3×3(f) → 3)          local mean in [0, 1];  LL = 2^levels · mean01
       for each scale k (size s = base · 2^k, remaining levels r = levels − k):
-          t = tanh(Conv3×3(f) → 9)  → t_LH, t_HL, t_HH  each (N, 3, s, s) in (−1, 1)
+          t = tanh(0.1 · Conv3×3(f) → 9)  → t_LH, t_HL, t_HH  each (N, 3, s, s) in (−1, 1)
           headroom = min(mean01, 1 − mean01)
           S        = |t_LH| + |t_HL| + |t_HH|;  shrink = tanh(S) / S
           band     = 2^r · headroom · shrink · t        (orthonormal Haar coefficients)

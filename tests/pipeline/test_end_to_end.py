@@ -6,71 +6,35 @@ Copies the project into a fresh git repo, runs `dvc repro`, then
 """
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from dvc_project import make_project, run_cmd
 
 pytestmark = pytest.mark.slow
 
-COPY = ["dvc.yaml", "params.yaml", "featinv", "pipeline", ".dvc/config", ".dvcignore", ".gitignore"]
 
-
-def _run(args, cwd, env):
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / name)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def _tiny(params: dict) -> None:
     params["taps"] = ["vgg16/block1"]
     params["data"].update(max_images=8, train_views=1)
     params["train"].update(epochs=1)
     params["evaluate"].update(grid_images=2)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=str(root), DVC_NO_ANALYTICS="1")
-    _run(["git", "init", "-q"], root, env)
-    _run(["git", "config", "user.email", "ci@featinv"], root, env)
-    _run(["git", "config", "user.name", "featinv ci"], root, env)
-    _run(["dvc", "init", "-q", "--force"], root, env)
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "init"], root, env)
-    return root, env
 
 
-def test_repro_then_experiment_reuses_every_feature_store(project):
-    root, env = project
-    out = _run(["dvc", "repro"], root, env)
+def test_repro_then_experiment_reuses_every_feature_store(tmp_path):
+    env = make_project(tmp_path, _tiny)
+    out = run_cmd(["dvc", "repro"], tmp_path, env)
     assert "Running stage 'extract@vgg16/block1'" in out
-    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert metrics["psnr"]["mean"] > 5 and metrics["n_images"] > 0
-    assert (root / "metrics" / "reconstructions.png").stat().st_size > 10_000
-    assert (root / "metrics" / "train" / "plots" / "metrics" / "val" / "psnr.tsv").is_file()
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "baseline"], root, env)
+    assert (tmp_path / "metrics" / "reconstructions.png").stat().st_size > 10_000
+    assert (tmp_path / "metrics" / "train" / "plots" / "metrics" / "val" / "psnr.tsv").is_file()
+    run_cmd(["git", "add", "-A"], tmp_path, env)
+    run_cmd(["git", "commit", "-qm", "baseline"], tmp_path, env)
 
-    out = _run(["dvc", "exp", "run", "-S", "decoder=transposed_conv", "-S", "train.epochs=2"], root, env)
+    out = run_cmd(["dvc", "exp", "run", "-S", "decoder=transposed_conv", "-S", "train.epochs=2"], tmp_path, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'extract" not in out and "Running stage 'prepare'" not in out
 
-    diff = _run(["dvc", "metrics", "diff", "--json"], root, env)
-    changed = json.loads(diff)
+    changed = json.loads(run_cmd(["dvc", "metrics", "diff", "--json"], tmp_path, env))
     assert any("psnr.mean" in key for keys in changed.values() for key in keys)

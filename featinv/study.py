@@ -1,0 +1,183 @@
+"""The study: every tap × decoder, and every fusion × decoder, on one shared feature cache.
+
+This module plans the grid (:func:`plan_runs`), and turns the runs' metrics
+into the published study's ranking form (:func:`leaderboard`), plus the figures
+that answer its question at a glance.  Running the grid is DVC's job (matrix
+stages in ``study/dvc.yaml``); the library never touches DVC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from featinv.config import Config
+from featinv.model import ENSEMBLE
+
+__all__ = ["StudyRun", "plan_runs", "run_dir", "collect_results", "leaderboard", "write_leaderboard",
+           "best_runs_figure", "depth_figure"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """One cell of the study grid."""
+
+    encoder: str  # a tap, or "ensemble"
+    fusion: str | None
+    decoder: str
+
+    @property
+    def label(self) -> str:
+        """``vgg16/block1`` or ``ensemble-concat``: the run's tap or fusion."""
+        return self.encoder if self.fusion is None else f"{ENSEMBLE}-{self.fusion}"
+
+    def to_dict(self) -> dict:
+        return {"encoder": self.encoder, "fusion": self.fusion, "decoder": self.decoder}
+
+
+def plan_runs(cfg: Config) -> list[StudyRun]:
+    """The study's runs: ``study.taps`` × ``study.decoders`` + ``study.fusions`` × ``study.decoders``."""
+    taps = cfg.study.taps or cfg.taps
+    runs = [StudyRun(t, None, d) for t in taps for d in cfg.study.decoders]
+    runs += [StudyRun(ENSEMBLE, f, d) for f in cfg.study.fusions for d in cfg.study.decoders]
+    return runs
+
+
+def run_dir(root: str | Path, run: StudyRun) -> Path:
+    """Where a run's files live under ``root`` (``<root>/<tap or ensemble-fusion>/<decoder>``)."""
+    return Path(root) / run.label / run.decoder
+
+
+def collect_results(metrics_root: str | Path, runs: list[StudyRun]) -> pd.DataFrame:
+    """One row per run that has a metrics JSON (``<metrics_root>/<label>/<decoder>.json``)."""
+    rows = []
+    for run in runs:
+        path = Path(metrics_root) / run.label / f"{run.decoder}.json"
+        if not path.is_file():
+            log.warning("no metrics for %s + %s (%s)", run.label, run.decoder, path)
+            continue
+        m = json.loads(path.read_text())
+        refine = m.get("refine") or {}
+        decoder_only = m.get("decoder_only") or {}
+        rows.append({
+            "tap_or_fusion": run.label,
+            "decoder": run.decoder,
+            "psnr": m["psnr"]["mean"],
+            "ssim": m["ssim"]["mean"],
+            "lpips": (m.get("lpips") or {}).get("mean"),
+            "decoder_params": m.get("decoder_params"),
+            "train_seconds": (m.get("train") or {}).get("train_seconds"),
+            "epochs": (m.get("train") or {}).get("epochs_run"),
+            "refine_steps": refine.get("steps", 0),
+            "psnr_decoder_only": (decoder_only.get("psnr") or {}).get("mean", m["psnr"]["mean"]),
+            "weights": m.get("weights"),
+        })
+    return pd.DataFrame(rows)
+
+
+def leaderboard(results: pd.DataFrame) -> pd.DataFrame:
+    """Rank runs by PSNR (the published study's ranking), SSIM breaking ties."""
+    board = results.sort_values(["psnr", "ssim"], ascending=False).reset_index(drop=True)
+    board.insert(0, "rank", np.arange(1, len(board) + 1))
+    return board
+
+
+def write_leaderboard(board: pd.DataFrame, out_dir: str | Path, title: str = "featinv study") -> tuple[Path, Path]:
+    """Write ``leaderboard.csv`` and ``leaderboard.md`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "leaderboard.csv", out_dir / "leaderboard.md"
+    board.to_csv(csv_path, index=False)
+    lines = [f"# {title}", "",
+             f"{len(board)} runs, ranked by test PSNR. Encoder weights: "
+             f"{', '.join(sorted(set(map(str, board['weights']))))}.", "",
+             "| rank | tap or fusion | decoder | PSNR (dB) | SSIM | LPIPS | decoder params | train time (s) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in board.itertuples():
+        lp = "n/a" if r.lpips is None or pd.isna(r.lpips) else f"{r.lpips:.3f}"
+        secs = "" if r.train_seconds is None or pd.isna(r.train_seconds) else f"{r.train_seconds:.0f}"
+        lines.append(f"| {r.rank} | {r.tap_or_fusion} | {r.decoder} | {r.psnr:.2f} | {r.ssim:.3f} | {lp} | "
+                     f"{int(r.decoder_params):,} | {secs} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def best_runs_figure(board: pd.DataFrame, checkpoints_root: str | Path, images_path: str | Path,
+                     features_dir: str | Path, out: str | Path, top: int = 4, n_images: int = 3) -> Path:
+    """The best ``top`` runs side by side on the same test images (same rendering as evaluation)."""
+    from featinv.evaluate import _stores_of, predict_split
+    from featinv.image_store import ImageStore
+    from featinv.metrics import image_metrics
+    from featinv.model import load_checkpoint
+    from featinv.render import comparison_rows, save_png, side_by_side
+
+    images = ImageStore(images_path)
+    picks = None
+    preds_by_run = []
+    targets = None
+    for r in board.head(top).itertuples():
+        run = StudyRun(ENSEMBLE if r.tap_or_fusion.startswith(ENSEMBLE + "-") else r.tap_or_fusion,
+                       r.tap_or_fusion.split("-", 1)[1] if r.tap_or_fusion.startswith(ENSEMBLE + "-") else None,
+                       r.decoder)
+        model, meta = load_checkpoint(run_dir(checkpoints_root, run) / "best.pt")
+        preds, targets = predict_split(model, _stores_of(meta, features_dir), images, "test", torch.device("cpu"))
+        preds_by_run.append((f"#{r.rank} {run.label} + {run.decoder}", preds))
+    assert targets is not None, "empty leaderboard"
+    picks = np.linspace(0, targets.shape[0] - 1, num=min(n_images, targets.shape[0])).round().astype(int)
+    rows = []
+    for i in dict.fromkeys(picks.tolist()):
+        target = targets[i].permute(1, 2, 0).numpy()
+        best_label, best = preds_by_run[0]
+        extra = [(label, p[i].clamp(0, 1).permute(1, 2, 0).numpy()) for label, p in preds_by_run[1:]]
+        m = image_metrics(targets[i : i + 1], best[i : i + 1])[0]
+        rows.append(side_by_side(target, best[i].clamp(0, 1).permute(1, 2, 0).numpy(),
+                                 f"{images.ids('test')[i]} — {best_label}: PSNR {m['psnr']:.2f} dB · "
+                                 f"SSIM {m['ssim']:.3f}", extra=extra))
+    title = "best runs: " + " | ".join(label for label, _ in preds_by_run)
+    return save_png(comparison_rows(rows, title=title), out)
+
+
+def depth_figure(rows: list[dict], out: str | Path, title: str = "How much does each tap give away?") -> Path:
+    """PSNR per tap ordered by depth: best decoder-only vs refined, as a grouped bar chart.
+
+    Args:
+        rows: dicts with ``tap``, ``psnr_decoder`` and optionally ``psnr_refined``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from featinv.taps import TAPS, resolve_tap
+
+    def depth_key(tap: str) -> tuple:
+        spec = resolve_tap(tap) if (tap in TAPS or tap.startswith("timm:")) else None
+        # Depth proxy: spatial downsampling first, then the family's own order.
+        return (224 // spec.height if spec else 99, spec.depth if spec else 99, tap)
+
+    rows = sorted(rows, key=lambda r: depth_key(r["tap"]))
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4), dpi=120)
+    ax.bar(x - 0.2, [r["psnr_decoder"] for r in rows], 0.4, label="decoder only")
+    refined = [r.get("psnr_refined") for r in rows]
+    if any(v is not None for v in refined):
+        ax.bar(x + 0.2, [v or 0 for v in refined], 0.4, label="decoder + feature-matching refinement")
+    ax.set_xticks(x, [r["tap"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("test PSNR (dB)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,68 @@
+"""Feature-matching refinement and the quick overfit check for featinv's decoder."""
+
+import torch
+import torch.nn.functional as F
+
+from featinv.decoders import build_decoder
+from featinv.metrics import image_metrics
+from featinv.refine import choose_refinement, refine_images, total_variation
+from featinv.taps import build_encoder
+
+from conftest import photo
+
+
+def _image(size=64, seed=0):
+    return torch.from_numpy(photo(size, seed)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def test_refinement_lowers_feature_error_by_a_clear_margin():
+    encoder = build_encoder("vgg16/block1")
+    target = _image()
+    with torch.no_grad():
+        feats = encoder(target)
+    start = F.avg_pool2d(target, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)  # a blurry guess
+    refined, report = refine_images(start, [encoder], [feats], steps=40, lr=0.01)
+    assert report["feature_loss_final"] < 0.3 * report["feature_loss_initial"]
+    assert image_metrics(target, refined)[0]["psnr"] > image_metrics(target, start)[0]["psnr"]
+    assert refined.min() >= 0 and refined.max() <= 1
+
+
+def test_refinement_stops_early_on_a_plateau():
+    encoder = build_encoder("resnet34/layer1")
+    target = _image(seed=1)
+    with torch.no_grad():
+        feats = encoder(target)
+    _, report = refine_images(target, [encoder], [feats], steps=200, lr=1e-6)
+    assert report["steps"] < 200
+
+
+def test_selection_turns_refinement_off_when_it_cannot_help():
+    encoder = build_encoder("vgg16/block1")
+    target = _image(seed=2)
+    with torch.no_grad():
+        feats = encoder(target)
+    chosen, scores = choose_refinement(target, target, [encoder], [feats], [{"lr": 0.05, "tv": 0.0}], steps=3)
+    assert chosen is None and len(scores) == 1  # the decoder output is already exact
+
+
+def test_total_variation_of_a_flat_image_is_zero():
+    assert float(total_variation(torch.full((1, 3, 8, 8), 0.3))) == 0.0
+
+
+def test_featinv_decoder_overfits_two_images_above_30_db():
+    torch.manual_seed(0)
+    encoder = build_encoder("vgg16/block1")
+    images = torch.cat([_image(64, 3), _image(64, 4)])
+    with torch.no_grad():
+        feats = encoder(images).half().float()
+    decoder = build_decoder("residual_shuffle", tuple(feats.shape[1:]), out_size=64)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=2e-3)
+    for _ in range(300):
+        loss = F.mse_loss(decoder(feats), images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    decoder.eval()
+    with torch.no_grad():
+        psnr = [r["psnr"] for r in image_metrics(images, decoder(feats))]
+    assert min(psnr) > 30, psnr
