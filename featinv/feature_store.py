@@ -43,7 +43,8 @@ __all__ = ["FeatureStore", "ExtractReport", "extract_features", "expected_finger
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: random VGG-16 weights come from the convolutional trunk alone (different seeded values).
+FORMAT_VERSION = 2
 NUMERIC_PACKAGES = ("torch", "torchvision", "timm")
 
 
@@ -239,10 +240,10 @@ def _forward(encoder: torch.nn.Module, batch_uint8: torch.Tensor, device: torch.
                 feats = encoder(pixels01)
         else:
             feats = encoder(pixels01)
-        feats = feats.float()
-        if not torch.isfinite(feats.clamp(-65504, 65504).half()).all() or feats.abs().max() > 65504:
+        stored = feats.half()  # float16 storage: anything beyond ±65504 becomes inf
+        if not torch.isfinite(stored).all():
             raise FeatinvError(f"tap {encoder.spec.name}: activations overflow float16 storage")
-        return feats.half().contiguous().cpu().numpy()
+        return stored.contiguous().cpu().numpy()
 
 
 class _Writer:

@@ -274,10 +274,21 @@ def _vgg16(cut: str, pretrained: bool) -> nn.Module:
     import torchvision
 
     end = int(re.fullmatch(r"features\[:(\d+)\]", cut).group(1))
-    model = torchvision.models.vgg16(weights="IMAGENET1K_V1" if pretrained else None)
+    if pretrained:
+        layers = torchvision.models.vgg16(weights="IMAGENET1K_V1").features
+    else:
+        # Random weights: build only the convolutional trunk (the 102M-parameter classifier would
+        # be initialised and thrown away), initialised exactly as torchvision's VGG does.
+        from torchvision.models.vgg import cfgs, make_layers
+
+        layers = make_layers(cfgs["D"])
+        for module in layers.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(module.bias, 0)
     features = _Sequential()
     for i in range(end):
-        features.add_module(str(i), model.features[i])
+        features.add_module(str(i), layers[i])
     return _Sequential(_named(features=features))
 
 

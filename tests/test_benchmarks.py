@@ -1,0 +1,34 @@
+"""The performance suite runs end to end in quick mode and writes every figure."""
+
+import json
+import math
+
+from benchmarks import run
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_perf_quick_writes_every_figure(tmp_path):
+    out = tmp_path / "perf.json"
+    run.main(["--quick", "--device", "cpu", "--out", str(out), "--work", str(tmp_path / "work")])
+
+    perf = json.loads(out.read_text())
+    assert perf["mode"] == "quick"
+    assert set(perf["taps"]) == set(run.QUICK.taps)
+    for tap, figures in perf["taps"].items():
+        for key in ("cache_speedup", "extraction_overhead", "loader_headroom", "loader_headroom_ram"):
+            assert _positive(figures[key]), (tap, key, figures[key])
+        assert set(figures["store_ratio"]) == set(run.CODECS)
+        assert all(_positive(r) for r in figures["store_ratio"].values()), figures["store_ratio"]
+        assert 0.99 < figures["store_ratio"]["none"] < 1.1  # uncompressed: raw bytes plus chunk framing
+    assert _positive(perf["study_speedup"])
+    assert perf["study"]["extrapolated"] is True
+    assert perf["study"]["runs"] == 44
+    memory = perf["memory"]
+    for mode in ("stream", "ram"):
+        assert all(_positive(memory["peak_rss_mb"][mode][size]) for size in ("N", "8N"))
+        assert _positive(memory["ratio_8n_over_n"][mode])
+    assert memory["train_samples"]["8N"] > 3 * memory["train_samples"]["N"]
+    assert set(perf["scaling"]["train_samples_per_s"]) == {str(b) for b in run.QUICK.train_batches}
