@@ -50,7 +50,7 @@ PUBLISHED = TrainConfig(epochs=10_000, batch_size=4, lr=1e-3, scheduler="plateau
 FEATINV = TrainConfig(epochs=10_000, batch_size=16, lr=1e-3, scheduler="cosine", early_stop_patience=10_000,
                       loss=LossConfig(mse=1.0), feature_crop=32, device="cpu")
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
-REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.003, "tv": 0.0}, {"lr": 0.01, "tv": 0.003}]
+REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -58,18 +58,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--taps", nargs="+", default=STUDY_TAPS)
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per vgg16/block1 run")
     p.add_argument("--other-minutes", type=float, default=5.0, help="training budget for the other taps")
-    p.add_argument("--refine-steps", type=int, default=100)
-    p.add_argument("--select-steps", type=int, default=25, help="refinement steps per candidate on val")
+    p.add_argument("--refine-steps", type=int, default=100, help="refinement steps on vgg16/block1")
+    p.add_argument("--select-steps", type=int, default=25, help="vgg16/block1: steps per candidate on val")
+    p.add_argument("--other-refine-steps", type=int, default=50, help="refinement steps on the other taps")
+    p.add_argument("--other-select-steps", type=int, default=10, help="other taps: steps per candidate on val")
+    p.add_argument("--decoders", nargs="+", default=None, help="vgg16/block1 decoders (default: both)")
     p.add_argument("--views", type=int, default=8, help="cached augmented views per training image")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and data")
+    p.add_argument("--append", action="store_true", help="keep rows of other taps already in --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.minutes = args.other_minutes = 0.05
         args.refine_steps, args.select_steps, args.views = 5, 2, 1
+        args.other_refine_steps, args.other_select_steps = 5, 2
 
     data = DataConfig(source="folder", train_dir=str(args.data / "CBSD68"),
                       test_dir=(str(args.data / "CSet14"), str(args.data / "CSet5")),
@@ -79,12 +84,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         prepare_images(data, SEED, images)
     extract = ExtractConfig(weights="random", weights_seed=WEIGHTS_SEED, device="cpu", batch_size=16)
     features = args.work / "features"
-    rows: list[dict] = []
+    rows: list[dict] = _previous_rows(args.out, args.taps) if args.append else []
     for tap in args.taps:
         extract_features(images, tap, store_path(features, tap), extract)
         minutes = args.minutes if tap == "vgg16/block1" else args.other_minutes
         recipes = [("transposed_conv", PUBLISHED), ("residual_shuffle", FEATINV)] if tap == "vgg16/block1" \
             else [("residual_shuffle", FEATINV)]
+        if tap == "vgg16/block1" and args.decoders:
+            recipes = [r for r in recipes if r[0] in args.decoders]
         for decoder, recipe in recipes:
             rows += _bench(tap, decoder, recipe, minutes, images, features, extract, args)
             _report(rows, args.out)
@@ -99,8 +106,10 @@ def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> li
     base = {"tap": tap, "decoder": decoder, "train_steps": result.train_steps,
             "train_seconds": round(result.train_seconds, 1), "train_minutes_budget": minutes,
             "epochs": result.epochs_run, "decoder_params": result.decoder_params}
-    chosen, scores = _select_refinement(result.best_checkpoint, images, features, args.select_steps)
-    refine_steps = args.refine_steps if chosen else 0
+    block1 = tap == "vgg16/block1"
+    select_steps = args.select_steps if block1 else args.other_select_steps
+    chosen, scores = _select_refinement(result.best_checkpoint, images, features, select_steps)
+    refine_steps = (args.refine_steps if block1 else args.other_refine_steps) if chosen else 0
     ecfg = EvaluateConfig(device="cpu", refine=refine_steps, refine_lr=(chosen or {}).get("lr", 0.01),
                           refine_tv=(chosen or {}).get("tv", 0.0))
     m = evaluate_run(result.best_checkpoint, images, features, ecfg, run / "eval.json",
@@ -124,6 +133,15 @@ def _select_refinement(checkpoint, images_path, features, steps):
     encoders = [build_encoder(s.spec, "random", WEIGHTS_SEED) for s in stores]
     feats = [torch.from_numpy(s.split("val")[:]).float() for s in stores]
     return choose_refinement(preds, targets, encoders, feats, REFINE_CANDIDATES, steps)
+
+
+def _previous_rows(out: Path, taps: list[str]) -> list[dict]:
+    import json
+
+    if not out.is_file():
+        return []
+    return [{k: v for k, v in r.items() if k not in ("machine", "benchmark")}
+            for r in json.loads(out.read_text()) if r["tap"] not in taps]
 
 
 def _report(rows: list[dict], out: Path) -> None:

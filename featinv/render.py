@@ -34,6 +34,7 @@ def side_by_side(
     recon01_hwc: np.ndarray,
     caption: str = "",
     extra: Sequence[tuple[str, np.ndarray]] = (),
+    recon_label: str = "reconstruction",
 ) -> Image.Image:
     """One row: original | reconstruction (| extra reconstructions) | |difference| heat map.
 
@@ -43,7 +44,7 @@ def side_by_side(
         extra: further (label, image) panels placed after the reconstruction.
     """
     diff = np.abs(original01_hwc - recon01_hwc).mean(axis=2)
-    panels = [("original", original01_hwc), ("reconstruction", recon01_hwc), *extra]
+    panels = [("original", original01_hwc), (recon_label, recon01_hwc), *extra]
     tiles = [_to_uint8(img) for _, img in panels] + [heatmap(diff)]
     labels = [label for label, _ in panels] + ["|difference|"]
     height, width = tiles[0].shape[:2]

@@ -129,19 +129,19 @@ def best_runs_figure(board: pd.DataFrame, checkpoints_root: str | Path, images_p
                        r.decoder)
         model, meta = load_checkpoint(run_dir(checkpoints_root, run) / "best.pt")
         preds, targets = predict_split(model, _stores_of(meta, features_dir), images, "test", torch.device("cpu"))
-        preds_by_run.append((f"#{r.rank} {run.label} + {run.decoder}", preds))
+        preds_by_run.append((f"#{r.rank}", f"#{r.rank} {run.label} + {run.decoder}", preds))
     assert targets is not None, "empty leaderboard"
     picks = np.linspace(0, targets.shape[0] - 1, num=min(n_images, targets.shape[0])).round().astype(int)
     rows = []
     for i in dict.fromkeys(picks.tolist()):
         target = targets[i].permute(1, 2, 0).numpy()
-        best_label, best = preds_by_run[0]
-        extra = [(label, p[i].clamp(0, 1).permute(1, 2, 0).numpy()) for label, p in preds_by_run[1:]]
-        m = image_metrics(targets[i : i + 1], best[i : i + 1])[0]
+        best_tag, _, best = preds_by_run[0]
+        extra = [(tag, p[i].clamp(0, 1).permute(1, 2, 0).numpy()) for tag, _, p in preds_by_run[1:]]
+        scores = [image_metrics(targets[i : i + 1], p[i : i + 1])[0]["psnr"] for _, _, p in preds_by_run]
         rows.append(side_by_side(target, best[i].clamp(0, 1).permute(1, 2, 0).numpy(),
-                                 f"{images.ids('test')[i]} — {best_label}: PSNR {m['psnr']:.2f} dB · "
-                                 f"SSIM {m['ssim']:.3f}", extra=extra))
-    title = "best runs: " + " | ".join(label for label, _ in preds_by_run)
+                                 f"{images.ids('test')[i]}: PSNR " + " / ".join(f"{s:.2f}" for s in scores)
+                                 + " dB (difference map: #1)", extra=extra, recon_label=best_tag))
+    title = "best runs: " + " | ".join(label for _, label, _ in preds_by_run)
     return save_png(comparison_rows(rows, title=title), out)
 
 

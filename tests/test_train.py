@@ -85,3 +85,25 @@ def test_store_from_other_params_is_refused(tiny_config, tiny_images, tiny_featu
     cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=7))
     with pytest.raises(StoreMismatchError, match="random:seed=7"):
         train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+
+
+def test_ensembles_train_from_the_cached_stores_only(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
+    from featinv.feature_store import extract_features
+
+    from conftest import TINY_EXTRACT
+
+    shallow = ["resnet34/layer1", "vgg16/block1", "vit_small/block1", "pvt_v2_b2/stage1"]
+    for tap in shallow:  # the ensemble's stores, extracted beforehand as the pipeline does
+        extract_features(tiny_images, tap, store_path(tiny_features, tap), TINY_EXTRACT)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an encoder was constructed during ensemble training")
+
+    monkeypatch.setattr(featinv.taps, "build_encoder", forbidden)
+    monkeypatch.setattr(featinv.taps, "_build_network", forbidden)
+    cfg = dataclasses.replace(tiny_config, encoder="ensemble", fusion="attention", decoder="wavelet",
+                              train=dataclasses.replace(tiny_config.train, epochs=1))
+    result = train_decoder(cfg, tiny_images, tiny_features, tmp_path / "ens")
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert [t["name"] for t in meta["taps"]] == shallow and meta["fusion"] == "attention"
+    assert model.fusion is not None
