@@ -33,7 +33,7 @@ from featinv.image_store import ImageStore, prepare_images
 from featinv.model import load_checkpoint
 from featinv.refine import choose_refinement
 from featinv.study import depth_figure
-from featinv.taps import build_encoder
+from featinv.taps import build_encoder, resolve_tap
 from featinv.train import train_decoder
 
 log = logging.getLogger("benchmarks.quality")
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> list[dict]:
     run = args.work / "runs" / tap / decoder
+    crop = recipe.feature_crop if recipe.feature_crop and resolve_tap(tap).height > recipe.feature_crop else None
     cfg = Config(seed=SEED, data=DataConfig(), taps=(tap,), extract=extract, encoder=tap, decoder=decoder,
-                 train=dataclasses.replace(recipe, max_minutes=minutes))
+                 train=dataclasses.replace(recipe, max_minutes=minutes, feature_crop=crop))
     result = train_decoder(cfg, images, features, run)
     base = {"tap": tap, "decoder": decoder, "train_steps": result.train_steps,
             "train_seconds": round(result.train_seconds, 1), "train_minutes_budget": minutes,

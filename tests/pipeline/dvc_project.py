@@ -15,11 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 COPY = ["dvc.yaml", "params.yaml", "featinv", "pipeline", "study/dvc.yaml", ".dvc/config", ".gitignore"]
 
 
-def run_cmd(args: list[str], cwd: Path, env: dict) -> str:
-    """Run a command; fail the test with its output when it fails."""
+def run_cmd(args: list[str], cwd: Path, env: dict, stdout_only: bool = False) -> str:
+    """Run a command; fail the test with its output when it fails.
+
+    ``stdout_only`` for machine-readable output (DVC warns on stderr, e.g. about metrics
+    files of stages that have not run).
+    """
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 def make_project(root: Path, edit_params: Callable[[dict], None]) -> dict:

@@ -36,5 +36,5 @@ def test_repro_then_experiment_reuses_every_feature_store(tmp_path):
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'extract" not in out and "Running stage 'prepare'" not in out
 
-    changed = json.loads(run_cmd(["dvc", "metrics", "diff", "--json"], tmp_path, env))
+    changed = json.loads(run_cmd(["dvc", "metrics", "diff", "--json"], tmp_path, env, stdout_only=True))
     assert any("psnr.mean" in key for keys in changed.values() for key in keys)

@@ -20,7 +20,8 @@ def _stage_counts(log: str) -> collections.Counter:
 
 def test_full_study_plan_is_8_extract_stages_feeding_44_runs(tmp_path):
     env = make_project(tmp_path, lambda p: None)
-    plan = json.loads(run_cmd([sys.executable, "-m", "featinv.cli", "study", "--plan", "--json"], tmp_path, env))
+    plan = json.loads(run_cmd([sys.executable, "-m", "featinv.cli", "study", "--plan", "--json"], tmp_path, env,
+                              stdout_only=True))
     assert len(plan["extract_stages"]) == 8 and len(plan["runs"]) == 44
     for stage, sources in plan["runs"].items():
         if ":run@" in stage:  # a single-tap run reads exactly its own tap's store
@@ -48,7 +49,7 @@ def test_mini_study_runs_every_run_from_the_shared_cache(tmp_path):
     board = (tmp_path / "study" / "results" / "leaderboard.csv").read_text().splitlines()
     assert len(board) == 1 + 3
     assert (tmp_path / "study" / "results" / "best_runs.png").is_file()
-    shown = json.loads(run_cmd(["dvc", "metrics", "show", "--json"], tmp_path, env))
+    shown = json.loads(run_cmd(["dvc", "metrics", "show", "--json"], tmp_path, env, stdout_only=True))
     files = {f for rev in shown.values() for f in rev.get("data", {})}
     assert sum(f.startswith("metrics/study/") for f in files) == 3
 
