@@ -20,10 +20,9 @@ The "linear" path is a closed-form warm start (:meth:`warm_start`): each 3×3
 window of standardised features, plus ``random_features`` fixed random ReLU
 projections of it (random-feature regression, Rahimi & Recht, NeurIPS 2007), is
 mapped to the s×s pixel block it covers by ridge regression, solved once from
-the training features before any gradient step.  On random VGG-16 block1
-features of CBSD68 → Set14+Set5 the linear part alone gives ~30.2 dB and the
-random features add ~0.8 dB, in about a minute of CPU; the residual network,
-whose last layer starts at zero, then only learns the remainder.
+the training features before any gradient step (about a minute of CPU on
+VGG-16 block1 features of CBSD68); the residual network, whose last layer starts
+at zero, then only learns the remainder.
 
 The output is clamped to [0, 1] with a straight-through gradient: pixels that
 overshoot still receive the loss's gradient, unlike with a saturating sigmoid.
