@@ -6,8 +6,10 @@ For each row: train a decoder for a wall-clock budget from the cached features,
 evaluate it on the test set decoder-only, then with feature-matching
 refinement whose settings were chosen on the *validation* split.
 
-    python -m benchmarks.quality                      # the full benchmark (~80 CPU-minutes)
+    python -m benchmarks.quality                      # the full benchmark (~3 CPU-hours)
     python -m benchmarks.quality --taps vgg16/block1  # one tap
+    python -m benchmarks.quality --taps vgg16/block1 --decoders local_mlp --minutes 10 --append
+                                                      # one row, keeping the others in the JSON
     python -m benchmarks.quality --quick              # a smoke run (tiny budgets)
 
 Prints a table, writes benchmarks/results/quality.json (rows: tap, decoder,
@@ -46,9 +48,18 @@ STUDY_TAPS = ["vgg16/block1", "resnet34/layer1", "pvt_v2_b2/stage1", "vgg16/bloc
 # The published decoder trained right: pixel targets in [0,1], MSE, Adam 1e-3 with plateau decay.
 PUBLISHED = TrainConfig(epochs=10_000, batch_size=4, lr=1e-3, scheduler="plateau", plateau_patience=3,
                         early_stop_patience=10_000, loss=LossConfig(mse=1.0), device="cpu")
-# featinv's decoder: random feature crops (many more samples per CPU second), one-cycle cosine schedule.
-FEATINV = TrainConfig(epochs=10_000, batch_size=16, lr=1e-3, scheduler="cosine", early_stop_patience=10_000,
-                      loss=LossConfig(mse=1.0), feature_crop=32, device="cpu")
+# featinv's decoders: random feature crops (many more samples per CPU second), warm-up + cosine
+# annealed over the time budget.
+RESIDUAL_SHUFFLE = TrainConfig(epochs=10_000, batch_size=16, lr=1e-3, scheduler="cosine",
+                               early_stop_patience=10_000, loss=LossConfig(mse=1.0), feature_crop=32, device="cpu")
+# local_mlp: 2048 single positions (each with its 3×3 context window) from anywhere in the training
+# views per step — independent samples, not a few correlated crops; 200 steps per "epoch" so
+# validation (whole maps) runs every few seconds.
+LOCAL_MLP = TrainConfig(epochs=10_000, batch_size=2048, lr=1e-3, scheduler="cosine", early_stop_patience=10_000,
+                        loss=LossConfig(mse=1.0), feature_crop=1, samples_per_epoch=409_600, device="cpu")
+RECIPES = {"transposed_conv": PUBLISHED, "residual_shuffle": RESIDUAL_SHUFFLE, "local_mlp": LOCAL_MLP}
+DEFAULT_DECODERS = {"vgg16/block1": ["transposed_conv", "residual_shuffle", "local_mlp"]}
+OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
 REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002}]
 
@@ -62,13 +73,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--select-steps", type=int, default=25, help="vgg16/block1: steps per candidate on val")
     p.add_argument("--other-refine-steps", type=int, default=50, help="refinement steps on the other taps")
     p.add_argument("--other-select-steps", type=int, default=10, help="other taps: steps per candidate on val")
-    p.add_argument("--decoders", nargs="+", default=None, help="vgg16/block1 decoders (default: both)")
+    p.add_argument("--decoders", nargs="+", default=None, choices=sorted(RECIPES),
+                   help="decoders to train (default: all three on vgg16/block1, featinv's two elsewhere)")
     p.add_argument("--views", type=int, default=8, help="cached augmented views per training image")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and data")
-    p.add_argument("--append", action="store_true", help="keep rows of other taps already in --out")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out for (tap, decoder) pairs this run does not train")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
@@ -84,17 +97,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         prepare_images(data, SEED, images)
     extract = ExtractConfig(weights="random", weights_seed=WEIGHTS_SEED, device="cpu", batch_size=16)
     features = args.work / "features"
-    rows: list[dict] = _previous_rows(args.out, args.taps) if args.append else []
-    for tap in args.taps:
+    plan = [(tap, decoder) for tap in args.taps
+            for decoder in args.decoders or DEFAULT_DECODERS.get(tap, OTHER_TAPS_DECODERS)]
+    rows: list[dict] = _previous_rows(args.out, plan) if args.append else []
+    for tap, decoder in plan:
         extract_features(images, tap, store_path(features, tap), extract)
         minutes = args.minutes if tap == "vgg16/block1" else args.other_minutes
-        recipes = [("transposed_conv", PUBLISHED), ("residual_shuffle", FEATINV)] if tap == "vgg16/block1" \
-            else [("residual_shuffle", FEATINV)]
-        if tap == "vgg16/block1" and args.decoders:
-            recipes = [r for r in recipes if r[0] in args.decoders]
-        for decoder, recipe in recipes:
-            rows += _bench(tap, decoder, recipe, minutes, images, features, extract, args)
-            _report(rows, args.out)
+        rows += _bench(tap, decoder, RECIPES[decoder], minutes, images, features, extract, args)
+        _report(rows, args.out)
     return rows
 
 
@@ -136,20 +146,21 @@ def _select_refinement(checkpoint, images_path, features, steps):
     return choose_refinement(preds, targets, encoders, feats, REFINE_CANDIDATES, steps)
 
 
-def _previous_rows(out: Path, taps: list[str]) -> list[dict]:
+def _previous_rows(out: Path, plan: list[tuple[str, str]]) -> list[dict]:
+    """Rows already in ``out`` for (tap, decoder) pairs not in ``plan`` (their provenance kept)."""
     import json
 
     if not out.is_file():
         return []
-    return [{k: v for k, v in r.items() if k not in ("machine", "benchmark")}
-            for r in json.loads(out.read_text()) if r["tap"] not in taps]
+    return [r for r in json.loads(out.read_text()) if (r["tap"], r["decoder"]) not in plan]
 
 
 def _report(rows: list[dict], out: Path) -> None:
     info = machine()
     where = f"{info['cpu_count']}-core CPU, torch {info['torch']}, {info['date']}"
     setting = f"CBSD68 → CSet14+CSet5, random encoder weights (seed {WEIGHTS_SEED}), split seed {SEED}"
-    write_json(out, [{**r, "machine": where, "benchmark": setting} for r in rows])
+    # Rows kept by --append carry the machine line of the run that measured them.
+    write_json(out, [{"machine": where, "benchmark": setting, **r} for r in rows])
     cols = ["tap", "decoder", "refine_steps", "train_steps", "train_seconds", "psnr", "ssim", "refine"]
     print(table(rows, cols, {"psnr": ".2f", "ssim": ".4f"}), flush=True)
     per_tap: dict[str, dict] = {}

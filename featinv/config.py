@@ -93,7 +93,7 @@ class TrainConfig:
     seed: int = 42
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     ram_cache_gb: float = 4.0  # load a split's features into RAM when it fits this budget
-    samples_per_epoch: int | None = None  # a seeded random subset per epoch (None = every sample)
+    samples_per_epoch: int | None = None  # samples per epoch: a seeded subset, or several passes (None = one pass)
     feature_crop: int | None = None  # train on random h×w feature crops (fully convolutional decoders)
 
 

@@ -8,6 +8,8 @@ decompression overlaps the training step.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -16,11 +18,27 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["FeatureBatches"]
+__all__ = ["FeatureBatches", "FeatureCrop"]
 
 log = logging.getLogger(__name__)
 
 _PREFETCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCrop:
+    """Train on random windows of the feature maps instead of whole maps.
+
+    Each sample gets its own window: ``size``×``size`` positions anywhere in the map, plus
+    ``margin`` positions of context on each side, edge-replicated where they fall outside
+    the map (decoders that declare a context margin pad that way too, so border positions
+    train exactly as they are used).  The pixels returned are those under the inner
+    ``size``×``size`` positions (``scale`` pixels per position).
+    """
+
+    size: int
+    scale: int
+    margin: int = 0
 
 
 class FeatureBatches:
@@ -33,9 +51,11 @@ class FeatureBatches:
         shuffle: reshuffle every epoch (seeded by ``seed`` + epoch).
         seed: shuffling seed.
         ram_cache_gb: load features into RAM when their total size is at most this.
-        samples_per_epoch: draw this many samples per epoch (a seeded random subset;
-            None = every sample).
+        samples_per_epoch: draw this many samples per epoch (a seeded random subset, or
+            several reshuffled passes when larger than the split; None = every sample once).
         drop_last: drop a final incomplete batch (keeps BatchNorm statistics sane).
+        crop: cut one random feature window per sample (see :class:`FeatureCrop`), in
+            float16 before conversion, so small windows cost little to load.
 
     Yields:
         ``feats``: a list of float32 tensors (B, C, h, w), one per encoder;
@@ -52,13 +72,15 @@ class FeatureBatches:
         ram_cache_gb: float = 4.0,
         samples_per_epoch: int | None = None,
         drop_last: bool = False,
+        crop: FeatureCrop | None = None,
     ) -> None:
         n = int(pixel_array.shape[0])
         for arr in feature_arrays:
             if int(arr.shape[0]) != n:
                 raise ValueError(f"feature array has {arr.shape[0]} samples, pixels {n}")
         self.n = n
-        self.per_epoch = n if samples_per_epoch is None else min(n, samples_per_epoch)
+        self.per_epoch = n if samples_per_epoch is None else samples_per_epoch
+        self.crop = crop
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -77,31 +99,84 @@ class FeatureBatches:
         full, rest = divmod(self.per_epoch, self.batch_size)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
-    def _order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.per_epoch)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[: self.per_epoch]
+    def whole_maps(self, batch_size: int = 8) -> FeatureBatches:
+        """One in-order pass over every sample, whole maps, no cropping (shares the cached arrays)."""
+        view = copy.copy(self)
+        view.crop, view.shuffle, view.per_epoch, view.drop_last = None, False, self.n, False
+        view.batch_size = batch_size
+        return view
 
-    def _read(self, index: np.ndarray) -> tuple[list[torch.Tensor], torch.Tensor]:
-        index = np.sort(index)  # sorted reads touch chunks in order
+    def _order(self) -> np.ndarray:
+        passes = -(-self.per_epoch // self.n)  # more samples than the split: several passes
+        if not self.shuffle:
+            return np.tile(np.arange(self.n), passes)[: self.per_epoch]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.concatenate([rng.permutation(self.n) for _ in range(passes)])[: self.per_epoch]
+
+    def _read(self, index: np.ndarray, windows: np.ndarray | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        order = np.argsort(index, kind="stable")  # sorted reads touch chunks in order
+        index = index[order]
         if self.in_ram:
-            feats = [torch.from_numpy(f[index]) for f in self.features]
+            arrays, rows = self.features, index
+        else:  # one orthogonal selection per store (unique, sorted), then rows of it
+            unique = np.unique(index)
+            arrays, rows = [np.asarray(f.oindex[unique]) for f in self.features], np.searchsorted(unique, index)
+        if windows is None:
+            feats, pixels = [a[rows] for a in arrays], self.pixels[index]
         else:
-            feats = [torch.from_numpy(np.asarray(f.oindex[index])) for f in self.features]
-        pixels = torch.from_numpy(self.pixels[index]).permute(0, 3, 1, 2)
-        return [f.float() for f in feats], pixels.float().div_(255.0)
+            feats, pixels = self._cut(arrays, rows, index, windows[order])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+        return [torch.from_numpy(f).float() for f in feats], pixels.float().div_(255.0)
+
+    def _cut(self, arrays, rows: np.ndarray, index: np.ndarray, windows: np.ndarray):
+        """Each sample's window of features (with context margin) and the pixels under its centre.
+
+        One fancy-indexing gather per array (no per-sample Python loop), so batches of
+        thousands of tiny windows cost little.
+        """
+        size, scale, margin = self.crop.size, self.crop.scale, self.crop.margin
+        side = size + 2 * margin
+        height, width = arrays[0].shape[-2:]
+        # Context beyond the map edge repeats the edge (replicate padding).
+        feat_y = np.clip(windows[:, 0, None] + np.arange(side), 0, height - 1)[:, :, None]  # (B, side, 1)
+        feat_x = np.clip(windows[:, 1, None] + np.arange(side), 0, width - 1)[:, None, :]  # (B, 1, side)
+        # Advanced indices around a slice put their dims first: (B, side, side, C) → (B, C, side, side).
+        feats = [np.ascontiguousarray(a[rows[:, None, None], :, feat_y, feat_x].transpose(0, 3, 1, 2))
+                 for a in arrays]
+        pix = np.arange(size * scale)
+        pix_y = ((windows[:, 0] + margin) * scale)[:, None, None] + pix[None, :, None]
+        pix_x = ((windows[:, 1] + margin) * scale)[:, None, None] + pix[None, None, :]
+        pixels = self.pixels[index[:, None, None], pix_y, pix_x]  # (B, size·scale, size·scale, 3)
+        return feats, pixels
+
+    def _windows(self, count: int) -> np.ndarray | None:
+        """Top-left corners of this epoch's random windows, one per sample (seeded)."""
+        if self.crop is None:
+            return None
+        height, width = (int(v) for v in self.features[0].shape[-2:])
+        size, margin = self.crop.size, self.crop.margin
+        if size > min(height, width):
+            raise ValueError(f"feature crop {size} exceeds the {height}×{width} feature map")
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        # Corners of the context window: the inner crop covers every position, borders included.
+        return np.stack([rng.integers(-margin, height - size - margin + 1, count),
+                         rng.integers(-margin, width - size - margin + 1, count)], 1)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         order = self._order()
+        windows = self._windows(len(order))
         self.epoch += 1
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if self.drop_last and len(batches[-1]) < self.batch_size:
+        starts = range(0, len(order), self.batch_size)
+        batches = [(order[i : i + self.batch_size], None if windows is None else windows[i : i + self.batch_size])
+                   for i in starts]
+        if self.drop_last and len(batches[-1][0]) < self.batch_size:
             batches.pop()
-        if self.in_ram:
-            for index in batches:
-                yield self._read(index)
+        if self.in_ram and self.crop is None:  # whole maps from RAM: reading is a cheap slice
+            for index, corners in batches:
+                yield self._read(index, corners)
             return
-        yield from _prefetched(self._read, batches)
+        # Streaming reads, or window gathers: on a background thread, overlapping the step.
+        yield from _prefetched(lambda batch: self._read(*batch), batches)
 
 
 def _prefetched(read, batches: list[np.ndarray]) -> Iterator:

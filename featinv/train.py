@@ -23,7 +23,7 @@ from featinv.decoders import count_parameters
 from featinv.device import resolve_device
 from featinv.feature_store import FeatureStore, expected_fingerprint, store_path
 from featinv.image_store import ImageStore
-from featinv.loader import FeatureBatches
+from featinv.loader import FeatureBatches, FeatureCrop
 from featinv.losses import ReconstructionLoss
 from featinv.model import ENSEMBLE, Reconstructor, build_reconstructor, save_checkpoint, spec_dicts
 from featinv.taps import resolve_tap
@@ -117,9 +117,11 @@ def train_decoder(
 
     train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
                                    tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
-                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True)
-    val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"),
-                                 max(tc.batch_size, 8), ram_cache_gb=tc.ram_cache_gb)
+                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True, crop=crop)
+    # Validation reads whole maps: a crop recipe's batch of thousands of windows is no guide.
+    val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
+    val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
+                                 ram_cache_gb=tc.ram_cache_gb)
     optimizer = torch.optim.Adam(_param_groups(model, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
@@ -138,15 +140,15 @@ def train_decoder(
     }
     best_loss, best_epoch, stale, steps = math.inf, 0, 0, 0
     stopped = "epochs"
-    generator = torch.Generator().manual_seed(tc.seed)
     start = time.perf_counter()
     if hasattr(model.decoder, "warm_start") and len(specs) == 1:
         # Decoders with a closed-form part fit it first; the time counts towards the budget.
         # Sample ~WARM_START_ROWS feature positions: enough equations for the unknowns on small
         # grids (14×14 taps keep every position), affordable on large ones.
-        positions = len(train_batches) * tc.batch_size * specs[0].height * specs[0].width
+        whole = train_batches.whole_maps()
+        positions = whole.n * specs[0].height * specs[0].width
         keep = min(1.0, max(WARM_START_ROWS / max(positions, 1), 0.02))
-        report = model.decoder.warm_start(_FirstMap(train_batches), keep=keep, seed=tc.seed)
+        report = model.decoder.warm_start(_FirstMap(whole), keep=keep, seed=tc.seed)
         log.info("warm start: linear path fitted on %d positions in %.1fs", report["positions"], report["seconds"])
     epoch = 0
     for epoch in range(1, tc.epochs + 1):
@@ -154,9 +156,15 @@ def train_decoder(
         total, seen = 0.0, 0
         for feats, target in train_batches:
             feats, target = [f.to(device, non_blocking=True) for f in feats], target.to(device)
-            if crop is not None:
-                feats, target = _random_crop(feats[0], target, crop, generator)
-            loss, _ = criterion(model(feats), target)
+            if crop is not None and crop.margin:  # only outputs whose window saw real context
+                if hasattr(model.decoder, "forward_valid"):
+                    pred = model.decoder.forward_valid(feats[0])
+                else:
+                    cut = crop.margin * crop.scale
+                    pred = model(feats)[..., cut:-cut, cut:-cut]
+            else:
+                pred = model(feats)
+            loss, _ = criterion(pred, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -208,8 +216,8 @@ class _FirstMap:
         return ((feats[0], target) for feats, target in self.batches)
 
 
-def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -> tuple[int, int] | None:
-    """(feature crop, pixel scale) when training on feature crops; validates the setting."""
+def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -> FeatureCrop | None:
+    """The training windows for ``train.feature_crop``, with the decoder's context margin; validated."""
     if size is None:
         return None
     from featinv.errors import ParamsError
@@ -217,23 +225,12 @@ def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -
     if len(specs) != 1 or not getattr(model.decoder, "fully_convolutional", False):
         raise ParamsError(
             "`train.feature_crop` needs a single tap and a fully convolutional decoder "
-            "(transposed_conv, residual_shuffle); set it to null"
+            "(transposed_conv, residual_shuffle, local_mlp); set it to null"
         )
     height = specs[0].height
     if not 0 < size <= height or crop_px % height:
         raise ParamsError(f"`train.feature_crop` = {size} must be in 1..{height} for tap {specs[0].name}")
-    return size, crop_px // height
-
-
-def _random_crop(feats: torch.Tensor, target: torch.Tensor, crop: tuple[int, int], generator: torch.Generator):
-    """The same random window of every sample's features and the matching pixels."""
-    size, scale = crop
-    height, width = feats.shape[-2:]
-    top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
-    f = feats[..., top : top + size, left : left + size]
-    t = target[..., top * scale : (top + size) * scale, left * scale : (left + size) * scale]
-    return [f.contiguous()], t.contiguous()
+    return FeatureCrop(size, crop_px // height, int(getattr(model.decoder, "context_margin", 0)))
 
 
 def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device) -> tuple[float, float]:

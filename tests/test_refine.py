@@ -3,6 +3,9 @@
 import torch
 import torch.nn.functional as F
 
+import pytest
+
+from featinv.decoders.local_mlp import LocalMLPDecoder
 from featinv.decoders.residual_shuffle import ResidualShuffleDecoder
 from featinv.metrics import image_metrics
 from featinv.refine import choose_refinement, refine_images, total_variation
@@ -49,14 +52,21 @@ def test_total_variation_of_a_flat_image_is_zero():
     assert float(total_variation(torch.full((1, 3, 8, 8), 0.3))) == 0.0
 
 
-def test_featinv_decoder_overfits_two_images_above_30_db():
+# Small heads keep this quick; the test is about the trainable network on top of the warm start.
+FEATINV_DECODERS = {
+    "residual_shuffle": lambda shape: ResidualShuffleDecoder(shape, out_size=64, random_features=64),
+    "local_mlp": lambda shape: LocalMLPDecoder(shape, out_size=64, hidden=128),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATINV_DECODERS))
+def test_featinv_decoder_overfits_two_images_above_30_db(name):
     torch.manual_seed(0)
     encoder = build_encoder("vgg16/block1")
     images = torch.cat([_image(64, 3), _image(64, 4)])
     with torch.no_grad():
         feats = encoder(images).half().float()
-    # A small random-feature head keeps this quick; the test is about the trainable network.
-    decoder = ResidualShuffleDecoder(tuple(feats.shape[1:]), out_size=64, random_features=64)
+    decoder = FEATINV_DECODERS[name](tuple(feats.shape[1:]))
     decoder.warm_start([(feats, images)], keep=1.0)  # its closed-form start, as in training
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-3)
     for _ in range(100):

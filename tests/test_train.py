@@ -10,7 +10,8 @@ from featinv.config import LossConfig
 from featinv.errors import StoreMismatchError, WeightsUnavailableError
 from featinv.feature_store import FeatureStore, store_path
 from featinv.image_store import ImageStore
-from featinv.loader import FeatureBatches
+from featinv.errors import ParamsError
+from featinv.loader import FeatureBatches, FeatureCrop
 from featinv.model import load_checkpoint
 from featinv.train import train_decoder
 
@@ -68,6 +69,56 @@ def test_streaming_loader_matches_ram_loader(tiny_images, tiny_features):
     assert len(ram) == len(streamed) == 3
     for (fa, pa), (fb, pb) in zip(ram, streamed):
         assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+
+
+def _locate(window, full_map):
+    """(top, left) where ``window`` (C, k, k) sits in ``full_map`` (C, h, w), or None."""
+    k = window.shape[-1]
+    for top in range(full_map.shape[-2] - k + 1):
+        for left in range(full_map.shape[-1] - k + 1):
+            if torch.equal(full_map[:, top : top + k, left : left + k], window):
+                return top, left
+    return None
+
+
+def test_feature_crops_pair_each_window_with_the_pixels_under_its_centre(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    crop = FeatureCrop(size=6, scale=2, margin=1)
+    (feats, pixels01), = list(FeatureBatches([arr], images.pixels("train"), 12, crop=crop))
+    assert FeatureBatches([arr], images.pixels("train"), 12, crop=crop)._windows(10_000).min() == -1
+    # Context beyond the map's edge is edge-replicated: look for the windows in a padded map.
+    full = torch.nn.functional.pad(torch.from_numpy(arr[:]).float(), (1, 1, 1, 1), mode="replicate")
+    full_pixels = torch.from_numpy(images.pixels("train")[:]).permute(0, 3, 1, 2).float() / 255
+    assert feats[0].shape == (12, 64, 8, 8) and pixels01.shape == (12, 3, 12, 12)
+    corners = set()
+    for i in range(12):  # in order (no shuffle): sample i
+        top, left = _locate(feats[0][i], full[i])
+        corners.add((top, left))
+        inner = full_pixels[i, :, top * 2 : (top + 6) * 2, left * 2 : (left + 6) * 2]  # (top, left) of the centre
+        assert torch.equal(pixels01[i], inner)
+    assert len(corners) > 1  # every sample gets its own window
+
+
+def test_cropped_streaming_loader_matches_ram_loader_over_several_passes(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    kwargs = dict(shuffle=True, seed=3, samples_per_epoch=30, crop=FeatureCrop(8, 2, 1))
+    ram = list(FeatureBatches([arr], images.pixels("train"), 5, **kwargs))
+    streamed = list(FeatureBatches([arr], images.pixels("train"), 5, ram_cache_gb=0, **kwargs))
+    assert len(ram) == len(streamed) == 6  # 30 samples from a 12-sample split: 2½ passes
+    for (fa, pa), (fb, pb) in zip(ram, streamed):
+        assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+
+
+def test_local_mlp_trains_on_feature_windows_with_context(tiny_config, tiny_images, tiny_features, tmp_path):
+    train = dataclasses.replace(tiny_config.train, feature_crop=16, epochs=1, samples_per_epoch=24)
+    cfg = dataclasses.replace(tiny_config, decoder="local_mlp", train=train)
+    result = train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    assert result.train_steps == 6 and result.best_val_loss < 0.1  # the warm start alone is far better
+    too_wide = dataclasses.replace(cfg, train=dataclasses.replace(train, feature_crop=113))
+    with pytest.raises(ParamsError, match=r"feature_crop.*1\.\.112"):
+        train_decoder(too_wide, tiny_images, tiny_features, tmp_path / "run2")
 
 
 def test_lpips_loss_offline_is_a_clear_error(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):

@@ -11,5 +11,6 @@ from featinv.decoders import frequency_aware  # noqa: F401,E402  isort: skip
 from featinv.decoders import wavelet  # noqa: F401,E402  isort: skip
 from featinv.decoders import attention  # noqa: F401,E402  isort: skip
 from featinv.decoders import residual_shuffle  # noqa: F401,E402  isort: skip
+from featinv.decoders import local_mlp  # noqa: F401,E402  isort: skip
 
 __all__ = ["DECODERS", "build_decoder", "count_parameters"]

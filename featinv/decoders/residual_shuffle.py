@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featinv.decoders.closed_form import fit_standardisation, fit_window_ridge
 from featinv.decoders.registry import DECODERS
 
 __all__ = ["ResidualShuffleDecoder", "clamp01_ste"]
@@ -142,47 +143,19 @@ class ResidualShuffleDecoder(nn.Module):
         import time
 
         start = time.perf_counter()
-        self._fit_standardisation(f for f, _ in batches)  # pass 1 (batches is iterated twice)
+        mean, std = fit_standardisation(f for f, _ in batches)  # pass 1 (batches is iterated twice)
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std)
         conv, factor = self.linear[0], self.linear[1].upscale_factor
         n_linear, n_random = conv.in_channels * 9, self.rf_weight.shape[0]
-        dims = n_linear + n_random + 1
-        xtx = torch.zeros(dims, dims, dtype=torch.float64)
-        xty = torch.zeros(dims, conv.out_channels, dtype=torch.float64)
-        generator = torch.Generator().manual_seed(seed)
         rf_matrix = self.rf_weight.reshape(n_random, -1).T  # unfold order = (C, kh, kw), as the conv's
-        rows = 0
-        for feats, pixels01 in batches:
-            size = (feats.shape[-2] * factor, feats.shape[-1] * factor)
-            if pixels01.shape[-2:] != size:  # the output is resized at the end: fit against that grid
-                pixels01 = F.interpolate(pixels01, size=size, mode="bilinear", align_corners=False)
-            z = (feats.float() - self.feat_mean) / self.feat_std
-            x = F.unfold(z, 3, padding=1).transpose(1, 2).reshape(-1, n_linear)
-            y = F.pixel_unshuffle(pixels01.float(), factor).flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
-            pick = torch.randperm(x.shape[0], generator=generator)[: max(1, int(x.shape[0] * keep))]
-            x = x[pick]
-            design = torch.cat([x, F.relu(x @ rf_matrix + self.rf_bias), torch.ones(len(pick), 1)], dim=1)
-            xtx += (design.T @ design).double()
-            xty += (design.T @ y[pick]).double()
-            rows += len(pick)
-        lam = ridge * xtx.diagonal().mean()
-        solution = torch.linalg.solve(xtx + lam * torch.eye(dims, dtype=torch.float64), xty).float()
+        solution, rows = fit_window_ridge(
+            batches, lambda f: (f - self.feat_mean) / self.feat_std, kernel=3, factor=factor,
+            extra=lambda x: F.relu(x @ rf_matrix + self.rf_bias), keep=keep, ridge=ridge, seed=seed)
         conv.weight.copy_(solution[:n_linear].T.reshape_as(conv.weight))
         self.rf_readout.weight.copy_(solution[n_linear:-1].T.reshape_as(self.rf_readout.weight))
         conv.bias.copy_(solution[-1])
         return {"positions": float(rows), "seconds": time.perf_counter() - start}
-
-    def _fit_standardisation(self, feats: Iterable[torch.Tensor]) -> None:
-        total = total_sq = 0.0
-        count = 0
-        for f in feats:  # one streaming pass: sums and sums of squares in float64
-            f = f.double()
-            total = total + f.sum((0, 2, 3))
-            total_sq = total_sq + (f * f).sum((0, 2, 3))
-            count += f.shape[0] * f.shape[2] * f.shape[3]
-        mean = total / count
-        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
-        self.feat_mean.copy_(mean.float().view_as(self.feat_mean))
-        self.feat_std.copy_((std.float() + 1e-3).view_as(self.feat_std))
 
 
 @DECODERS.register("residual_shuffle")
