@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import NATURAL, RESULTS, WORK, machine, table, write_json
-from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LossConfig, TrainConfig
+from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LossConfig, TrainConfig, with_overrides
 from featinv.evaluate import _stores_of, evaluate_run, predict_split
 from featinv.feature_store import extract_features, store_path
 from featinv.image_store import ImageStore, prepare_images
 from featinv.model import load_checkpoint
+from featinv.presets import preset_overrides
 from featinv.refine import choose_refinement
 from featinv.study import depth_figure
 from featinv.taps import build_encoder, resolve_tap
@@ -52,11 +53,10 @@ PUBLISHED = TrainConfig(epochs=10_000, batch_size=4, lr=1e-3, scheduler="plateau
 # annealed over the time budget.
 RESIDUAL_SHUFFLE = TrainConfig(epochs=10_000, batch_size=16, lr=1e-3, scheduler="cosine",
                                early_stop_patience=10_000, loss=LossConfig(mse=1.0), feature_crop=32, device="cpu")
-# local_mlp: 2048 single positions (each with its 3×3 context window) from anywhere in the training
-# views per step — independent samples, not a few correlated crops; 200 steps per "epoch" so
-# validation (whole maps) runs every few seconds.
-LOCAL_MLP = TrainConfig(epochs=10_000, batch_size=2048, lr=1e-3, scheduler="cosine", early_stop_patience=10_000,
-                        loss=LossConfig(mse=1.0), feature_crop=1, samples_per_epoch=409_600, device="cpu")
+# local_mlp: the `local_mlp` preset (2,048 independent single-position windows per step), its
+# cosine annealed over the time budget.
+LOCAL_MLP = dataclasses.replace(with_overrides(Config(), preset_overrides("local_mlp")).train, epochs=10_000,
+                                early_stop_patience=10_000, device="cpu")
 RECIPES = {"transposed_conv": PUBLISHED, "residual_shuffle": RESIDUAL_SHUFFLE, "local_mlp": LOCAL_MLP}
 DEFAULT_DECODERS = {"vgg16/block1": ["transposed_conv", "residual_shuffle", "local_mlp"]}
 OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]

@@ -301,36 +301,18 @@ def _run_dvc_repro(targets: list[str], dry: bool = False) -> dict[str, int]:
     return dict(counts)
 
 
-PRESETS: dict[str, dict[str, object]] = {
-    # The published study's protocol (DIV2K, ImageNet weights, its loss and schedule).
-    "paper": {
-        "data.source": "div2k",
-        "extract.weights": "imagenet",
-        "train.loss.mse": 0.5,
-        "train.loss.lpips": 0.5,
-        "train.lr": 0.0001,
-        "train.batch_size": 4,
-        "train.scheduler": "plateau",
-        "train.plateau_patience": 5,
-        "train.early_stop_patience": 15,
-        "train.epochs": 30,
-    },
-}
-
-
 @app.command()
 @_handles_errors
-def preset(name: Annotated[str, typer.Argument(help="preset name (paper)")],
+def preset(name: Annotated[str, typer.Argument(help="preset name (paper | local_mlp)")],
            as_json: JsonOpt = False) -> None:
     """Print a preset as `dvc exp run` overrides, e.g. `dvc exp run $(featinv preset paper)`."""
-    from featinv.errors import UnknownNameError
+    from featinv.presets import PRESETS, preset_overrides
 
-    if name not in PRESETS:
-        raise UnknownNameError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
+    overrides = preset_overrides(name)
     if as_json:
         typer.echo(json.dumps(PRESETS[name], indent=2))
         return
-    typer.echo(" ".join(f"-S {k}={v}" for k, v in PRESETS[name].items()))
+    typer.echo(" ".join(f"-S {item}" for item in overrides))
 
 
 def main() -> None:  # pragma: no cover - console entry point

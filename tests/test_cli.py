@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from featinv.cli import app
+from featinv.config import Config, with_overrides
+from featinv.presets import PRESETS, preset_overrides
 
 runner = CliRunner()
 
@@ -31,9 +34,23 @@ def test_paper_preset():
     assert preset["extract.weights"] == "imagenet" and preset["train.epochs"] == 30
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_a_valid_set_of_params(name):
+    result = runner.invoke(app, ["preset", name])
+    assert result.exit_code == 0
+    overrides = [item for item in result.stdout.split() if item != "-S"]
+    cfg = with_overrides(Config(), overrides)  # what `dvc exp run -S ...` would write, re-validated
+    assert cfg.train.epochs == 30
+
+
+def test_local_mlp_preset_trains_on_single_position_windows():
+    cfg = with_overrides(Config(), preset_overrides("local_mlp"))
+    assert cfg.decoder == "local_mlp" and cfg.train.feature_crop == 1 and cfg.train.loss.lpips == 0
+
+
 def test_errors_are_one_line_and_nonzero(tmp_path):
     result = runner.invoke(app, ["preset", "nope"])
-    assert result.exit_code == 1 and "valid choices: paper" in result.output
+    assert result.exit_code == 1 and "valid choices: paper, local_mlp" in result.output
     result = runner.invoke(app, ["train", "--params", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "params file not found" in result.output
     assert "Traceback" not in result.output

@@ -1,0 +1,51 @@
+"""Named bundles of param overrides: ``featinv preset NAME`` prints them for ``dvc exp run``.
+
+One definition serves the CLI, the docs and the benchmarks (``benchmarks/quality.py``
+trains featinv's decoder with the ``local_mlp`` preset), so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from featinv.errors import UnknownNameError
+
+__all__ = ["PRESETS", "preset_overrides"]
+
+PRESETS: dict[str, dict[str, object]] = {
+    # The published study's protocol (DIV2K, ImageNet weights, its loss and schedule).
+    "paper": {
+        "data.source": "div2k",
+        "extract.weights": "imagenet",
+        "train.loss.mse": 0.5,
+        "train.loss.lpips": 0.5,
+        "train.lr": 0.0001,
+        "train.batch_size": 4,
+        "train.scheduler": "plateau",
+        "train.plateau_patience": 5,
+        "train.early_stop_patience": 15,
+        "train.epochs": 30,
+    },
+    # featinv's best single-tap decoder and its recipe: 2,048 independent 3×3 feature windows
+    # per step (one position each), MSE, warm-up + cosine; an "epoch" is 200 such steps.
+    "local_mlp": {
+        "decoder": "local_mlp",
+        "train.batch_size": 2048,
+        "train.feature_crop": 1,
+        "train.samples_per_epoch": 409600,
+        "train.lr": 0.001,
+        "train.scheduler": "cosine",
+        "train.loss.mse": 1.0,
+        "train.loss.lpips": 0.0,
+        "train.epochs": 30,
+    },
+}
+
+
+def preset_overrides(name: str) -> list[str]:
+    """``KEY=VALUE`` overrides of preset ``name`` (for :func:`featinv.config.with_overrides`).
+
+    Raises:
+        UnknownNameError: ``name`` is not a preset; lists the valid ones.
+    """
+    if name not in PRESETS:
+        raise UnknownNameError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
+    return [f"{key}={value}" for key, value in PRESETS[name].items()]
