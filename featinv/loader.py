@@ -92,6 +92,9 @@ class FeatureBatches:
             self.features = [np.asarray(a[: self.n]) for a in feature_arrays]
         else:
             log.info("features (%.1f GB) exceed ram_cache_gb: streaming from the store", feature_bytes / 2**30)
+            if crop is not None:  # every window costs a whole-map read when streaming
+                log.warning("training on feature windows while streaming reads a whole map per window; "
+                            "set train.ram_cache_gb ≥ %.1f to keep the split in RAM", feature_bytes / 2**30 + 0.1)
             self.features = list(feature_arrays)
         self.pixels = np.asarray(pixel_array[: self.n])  # uint8: small next to the features
 
