@@ -99,3 +99,21 @@ def test_transposed_conv_overfits_tiny_batch() -> None:
     final_loss = F.mse_loss(decoder(feats_nchw), smooth).item()
 
     assert final_loss < first_loss / 5
+
+
+def test_local_mlp_trains_as_it_infers_at_every_position_borders_included() -> None:
+    # Training sees one edge-replicated 3×3 window per position through forward_valid; inference
+    # runs forward on the whole map. Any mismatch (e.g. zero padding at the border) costs dB.
+    from featinv.decoders.local_mlp import LocalMLPDecoder
+
+    torch.manual_seed(0)
+    decoder = LocalMLPDecoder((8, 6, 6), out_size=12, hidden=16)
+    decoder.feat_mean.normal_()
+    decoder.feat_std.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(decoder.mlp[-1].weight, std=0.1)
+    feats = torch.randn(2, 8, 6, 6)
+    whole = decoder(feats)  # (2, 3, 12, 12)
+    padded = F.pad(feats, (1, 1, 1, 1), mode="replicate")
+    windows = F.unfold(padded, 3).transpose(1, 2).reshape(2 * 36, 8, 3, 3)  # one per position
+    blocks = decoder.forward_valid(windows).reshape(2, 6, 6, 3, 2, 2)  # (n, y, x, c, dy, dx)
+    assert torch.allclose(blocks.permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 12, 12), whole, atol=1e-5)
