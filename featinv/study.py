@@ -170,6 +170,9 @@ def depth_figure(rows: list[dict], out: str | Path, title: str = "How much does 
     refined = [r.get("psnr_refined") for r in rows]
     if any(v is not None for v in refined):
         ax.bar(x + 0.2, [v or 0 for v in refined], 0.4, label="decoder + feature-matching refinement")
+        for i, v in enumerate(refined):
+            if v is None:  # refinement did not beat the decoder on validation: it is off for this tap
+                ax.text(x[i] + 0.2, 1, "off", ha="center", va="bottom", fontsize=8, rotation=90)
     ax.set_xticks(x, [r["tap"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("test PSNR (dB)")
     ax.set_title(title)
