@@ -62,6 +62,7 @@ from featinv.model import ENSEMBLE, build_reconstructor
 from featinv.sources import SPLITS, collect_images
 from featinv.study import plan_runs
 from featinv.taps import TapEncoder, build_encoder, list_taps, resolve_tap
+from featinv.train import decoder_inputs
 from featinv.zarr_utils import digest, partial_path, remove_tree
 
 __all__ = ["Plan", "QUICK", "FULL", "main"]
@@ -196,12 +197,14 @@ def cache_speedup(stores: list[FeatureStore], images: Path, encoders: list[TapEn
                             ram_cache_gb=ram_cache_gb, drop_last=True)
     naive = FeatureBatches([], pixels, BATCH, shuffle=True, seed=SEED, drop_last=True)  # pixels only
 
+    # Both paths hand the decoder the same memory format (featinv's training step's, see
+    # decoder_inputs), so the steps are identical and only the features' origin differs.
     def from_cache(feats, pixels01):
-        return [f.to(device, non_blocking=True) for f in feats]
+        return decoder_inputs(feats, device)
 
     def from_encoders(feats, pixels01):
         with torch.no_grad():
-            return [encoder(pixels01) for encoder in encoders]
+            return decoder_inputs([encoder(pixels01) for encoder in encoders], device)
 
     model = _fresh_model(specs, decoder, fusion, device)
     cache_rate, naive_rate = _train_rates([(model, cached, from_cache),
@@ -438,7 +441,7 @@ def scaling_figure(plan: Plan, images: Path, features: Path, encoder: TapEncoder
     paths = [(_fresh_model([store.spec], DECODER, None, device),
               FeatureBatches([store.split("train")], pixels, batch, shuffle=True, seed=SEED,
                              ram_cache_gb=ram_cache_gb, drop_last=True),
-              lambda feats, pixels01: [f.to(device, non_blocking=True) for f in feats])
+              lambda feats, pixels01: decoder_inputs(feats, device))
              for batch in plan.train_batches]
     train = dict(zip(plan.train_batches, _train_rates(paths, plan.warmup, plan.steps, device)))
     extract = {}

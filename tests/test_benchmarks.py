@@ -32,3 +32,14 @@ def test_perf_quick_writes_every_figure(tmp_path):
         assert _positive(memory["ratio_8n_over_n"][mode])
     assert memory["train_samples"]["8N"] > 3 * memory["train_samples"]["N"]
     assert set(perf["scaling"]["train_samples_per_s"]) == {str(b) for b in run.QUICK.train_batches}
+
+
+def test_memory_format_benchmark_times_every_setting(tmp_path):
+    from benchmarks import memory_format
+
+    out = tmp_path / "memory_format.json"
+    memory_format.main(["--shape", "8", "28", "28", "--batch", "1", "--steps", "1",
+                        "--decoders", "transposed_conv", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["decoder"] == "transposed_conv" and row["fastest"] in memory_format.SETTINGS
+    assert all(_positive(row[f"{s}_s"]) for s in memory_format.SETTINGS)
