@@ -119,13 +119,16 @@ class FeatureBatches:
     def _read(self, index: np.ndarray, windows: np.ndarray | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         order = np.argsort(index, kind="stable")  # sorted reads touch chunks in order
         index = index[order]
+        selected = False  # whether ``arrays`` already hold exactly this batch, in order
         if self.in_ram:
             arrays, rows = self.features, index
         else:  # one orthogonal selection per store (unique, sorted), then rows of it
             unique = np.unique(index)
             arrays, rows = [np.asarray(f.oindex[unique]) for f in self.features], np.searchsorted(unique, index)
+            selected = len(unique) == len(index)
         if windows is None:
-            feats, pixels = [a[rows] for a in arrays], self.pixels[index]
+            feats = arrays if selected else [a[rows] for a in arrays]
+            pixels = self.pixels[index]
         else:
             feats, pixels = self._cut(arrays, rows, index, windows[order])
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)

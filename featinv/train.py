@@ -156,14 +156,9 @@ def train_decoder(
         total, seen = 0.0, 0
         for feats, target in train_batches:
             feats, target = decoder_inputs(feats, device), target.to(device)
-            if crop is not None and crop.margin:  # only outputs whose window saw real context
-                if hasattr(model.decoder, "forward_valid"):
-                    pred = model.decoder.forward_valid(feats[0])
-                else:
-                    cut = crop.margin * crop.scale
-                    pred = model(feats)[..., cut:-cut, cut:-cut]
-            else:
-                pred = model(feats)
+            # Windows with context: only the outputs whose window saw real context (decoders that
+            # declare a context_margin provide forward_valid for that).
+            pred = model.decoder.forward_valid(feats[0]) if crop is not None and crop.margin else model(feats)
             loss, _ = criterion(pred, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
