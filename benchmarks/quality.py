@@ -61,7 +61,10 @@ RECIPES = {"transposed_conv": PUBLISHED, "residual_shuffle": RESIDUAL_SHUFFLE, "
 DEFAULT_DECODERS = {"vgg16/block1": ["transposed_conv", "residual_shuffle", "local_mlp"]}
 OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
-REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002}]
+# L-BFGS on a 2× coarser correction is for deep taps, where per-pixel steps add detail the
+# features do not determine (module docstring of featinv.refine).
+REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002},
+                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -121,8 +124,8 @@ def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> li
     select_steps = args.select_steps if block1 else args.other_select_steps
     chosen, scores = _select_refinement(result.best_checkpoint, images, features, select_steps)
     refine_steps = (args.refine_steps if block1 else args.other_refine_steps) if chosen else 0
-    ecfg = EvaluateConfig(device="cpu", refine=refine_steps, refine_lr=(chosen or {}).get("lr", 0.01),
-                          refine_tv=(chosen or {}).get("tv", 0.0))
+    chosen_cfg = {f"refine_{k}": v for k, v in (chosen or {}).items()}
+    ecfg = EvaluateConfig(device="cpu", refine=refine_steps, **chosen_cfg)
     m = evaluate_run(result.best_checkpoint, images, features, ecfg, run / "eval.json",
                      run / "eval_per_image.csv", run / "reconstructions.png")
     only = m.get("decoder_only") or {"psnr": m["psnr"], "ssim": m["ssim"]}
@@ -132,8 +135,14 @@ def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> li
     if chosen:
         rows.append({**base, "refine_steps": m["refine"]["steps"], "refine_seconds": round(m["refine"]["seconds"], 1),
                      "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
-                     "refine": f"lr {chosen['lr']}, tv {chosen['tv']} (chosen on val)"})
+                     "refine": _describe(chosen) + " (chosen on val)"})
     return rows
+
+
+def _describe(settings: dict) -> str:
+    if settings["optimizer"] == "lbfgs":
+        return f"L-BFGS, smooth {settings['smooth']}, tv {settings['tv']}"
+    return f"lr {settings['lr']}, tv {settings['tv']}" + (f", smooth {settings['smooth']}" if settings["smooth"] > 1 else "")
 
 
 def _select_refinement(checkpoint, images_path, features, steps):

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from featinv.config import Config, load_params, with_overrides
 from featinv.console import console, progress_bar, setup_logging
-from featinv.errors import FeatinvError
+from featinv.errors import FeatinvError, ParamsError
 
 app = typer.Typer(help="featinv: how much of an image do a network's features give away?",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -158,8 +158,10 @@ def reconstruct(
     run: Annotated[str, typer.Option(help="a checkpoint, a run directory holding best.pt, or a DVC experiment name")]
     = "data/train/best.pt",
     refine: Annotated[int, typer.Option(help="feature-matching refinement steps")] = 0,
-    refine_lr: float = 0.01,
-    refine_tv: float = 0.0,
+    refine_lr: Annotated[float, typer.Option(help="Adam's step on pixels")] = 0.01,
+    refine_tv: Annotated[float, typer.Option(help="total-variation prior weight")] = 0.0,
+    refine_optimizer: Annotated[str, typer.Option(help="adam | lbfgs")] = "adam",
+    refine_smooth: Annotated[int, typer.Option(help="optimise the correction on a grid this many times coarser")] = 1,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("reconstruction.png"),
     device: str = "auto",
 ) -> None:
@@ -167,9 +169,16 @@ def reconstruct(
     from featinv.device import resolve_device
     from featinv.reconstruct import reconstruct_images, render_reconstructions
 
+    from featinv.refine import OPTIMIZERS
+
+    if refine_optimizer not in OPTIMIZERS:
+        raise ParamsError(f"--refine-optimizer {refine_optimizer!r} is not valid; choices: {', '.join(OPTIMIZERS)}")
+    if refine_smooth < 1:
+        raise ParamsError(f"--refine-smooth {refine_smooth} must be ≥ 1 (1 = every pixel)")
     checkpoint = _resolve_run(run)
     dev, _ = resolve_device(device, "--device")
-    results = reconstruct_images(images, checkpoint, refine, refine_lr, refine_tv, dev)
+    results = reconstruct_images(images, checkpoint, refine, refine_lr, refine_tv, dev, refine_optimizer,
+                                 refine_smooth)
     render_reconstructions(results, out, title=f"{run}" + (f" + {refine} refinement steps" if refine else ""))
     for r in results:
         console.print(f"{r.path}: PSNR {r.psnr:.2f} dB · SSIM {r.ssim:.3f}")
@@ -224,7 +233,6 @@ def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs 
     extract@<tap> stage, every run trains from the cached stores, and the leaderboard lands in
     study/results/.
     """
-    from featinv.errors import ParamsError
     from featinv.study import plan_runs
 
     cfg = load_params(params)

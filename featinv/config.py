@@ -102,10 +102,18 @@ class EvaluateConfig:
     """``evaluate:`` — test-split metrics and figures."""
 
     refine: int = 0  # feature-matching refinement steps (0 = decoder only)
-    refine_lr: float = 0.01
+    refine_lr: float = 0.01  # Adam's step on pixels (L-BFGS's steps come from its line search)
     refine_tv: float = 0.0
+    refine_optimizer: Literal["adam", "lbfgs"] = "adam"
+    refine_smooth: int = 1  # optimise the correction on a grid this many times coarser (1 = per pixel)
     grid_images: int = 6
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.refine < 0:
+            raise ParamsError(f"`evaluate.refine` = {self.refine} must be ≥ 0 (0 = decoder only)")
+        if self.refine_smooth < 1:
+            raise ParamsError(f"`evaluate.refine_smooth` = {self.refine_smooth} must be ≥ 1 (1 = every pixel)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,8 @@ class Reconstruction:
 
 def reconstruct_images(
     paths: Sequence[str | Path], checkpoint: str | Path, refine: int = 0, refine_lr: float = 0.01,
-    refine_tv: float = 0.0, device: str | torch.device = "cpu",
+    refine_tv: float = 0.0, device: str | torch.device = "cpu", refine_optimizer: str = "adam",
+    refine_smooth: int = 1,
 ) -> list[Reconstruction]:
     """Run each image through the checkpoint's encoder(s) and decoder.
 
@@ -68,7 +69,8 @@ def reconstruct_images(
     decoder_rows = image_metrics(pixels01.cpu(), preds.cpu())
     final = preds
     if refine > 0:
-        final, report = refine_images(preds, encoders, feats, refine, refine_lr, refine_tv)
+        final, report = refine_images(preds, encoders, feats, refine, refine_lr, refine_tv,
+                                      optimizer=refine_optimizer, smooth=refine_smooth)
         log.info("refinement: %d steps in %.1fs", report["steps"], report["seconds"])
     rows = image_metrics(pixels01.cpu(), final.cpu())
     return [

@@ -22,6 +22,9 @@ def test_repo_params_file_is_valid():
         ({"taps": "vgg16/block1"}, "taps` must be a list"),
         ({"bogus": 1}, "bogus"),
         ({"train": 3}, "`train` must be a mapping"),
+        ({"evaluate": {"refine_optimizer": "sgd"}}, "evaluate.refine_optimizer` = 'sgd' is not valid; choices: adam, lbfgs"),
+        ({"evaluate": {"refine_smooth": 0}}, "evaluate.refine_smooth` = 0 must be ≥ 1"),
+        ({"evaluate": {"refine": -5}}, "evaluate.refine` = -5 must be ≥ 0"),
     ],
 )
 def test_bad_params_name_the_key(params, fragment):
