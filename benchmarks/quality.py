@@ -92,12 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.refine_steps, args.select_steps, args.views = 5, 2, 1
         args.other_refine_steps, args.other_select_steps = 5, 2
 
-    data = DataConfig(source="folder", train_dir=str(args.data / "CBSD68"),
-                      test_dir=(str(args.data / "CSet14"), str(args.data / "CSet5")),
-                      val_fraction=0.2, train_views=args.views, max_images=8 if args.quick else None)
-    images = args.work / "images.zarr"
-    if not images.exists():
-        prepare_images(data, SEED, images)
+    images = prepared_images(args.work, args.data, args.views, max_images=8 if args.quick else None)
     extract = ExtractConfig(weights="random", weights_seed=WEIGHTS_SEED, device="cpu", batch_size=16)
     features = args.work / "features"
     plan = [(tap, decoder) for tap in args.taps
@@ -109,6 +104,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += _bench(tap, decoder, RECIPES[decoder], minutes, images, features, extract, args)
         _report(rows, args.out)
     return rows
+
+
+def prepared_images(work: Path, data_root: Path, views: int = 8, max_images: int | None = None) -> Path:
+    """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
+    data = DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
+                      test_dir=(str(data_root / "CSet14"), str(data_root / "CSet5")),
+                      val_fraction=0.2, train_views=views, max_images=max_images)
+    images = work / "images.zarr"
+    if not images.exists():
+        prepare_images(data, SEED, images)
+    return images
 
 
 def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> list[dict]:

@@ -22,14 +22,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import NATURAL, RESULTS, WORK, machine, table, write_json
-from featinv.config import DataConfig
-from featinv.image_store import ImageStore, prepare_images
+from benchmarks.quality import SEED, WEIGHTS_SEED, prepared_images
+from featinv.image_store import ImageStore
 from featinv.metrics import image_metrics
 from featinv.refine import refine_images
 from featinv.taps import build_encoder
-
-SEED = 42
-WEIGHTS_SEED = 0
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -38,16 +35,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--sigma", type=float, default=0.03, help="noise std on pixels in [0,1]")
     p.add_argument("--steps", type=int, default=50, help="L-BFGS iterations")
     p.add_argument("--images", type=int, default=3, help="validation images used")
+    p.add_argument("--max-images", type=int, default=None, help="cap on source images (smoke runs)")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "refine_probe.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    images = args.work / "images.zarr"
-    if not images.exists():  # the quality benchmark's prepared images, same split
-        prepare_images(DataConfig(source="folder", train_dir=str(args.data / "CBSD68"),
-                                  test_dir=(str(args.data / "CSet14"), str(args.data / "CSet5")), val_fraction=0.2),
-                       SEED, images)
+    images = prepared_images(args.work, args.data, max_images=args.max_images)
     clean = torch.from_numpy(ImageStore(images).pixels("val")[: args.images]).permute(0, 3, 1, 2).float().div(255)
     noisy = (clean + args.sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(SEED))).clamp(0, 1)
     rows = []

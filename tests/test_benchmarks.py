@@ -43,3 +43,15 @@ def test_memory_format_benchmark_times_every_setting(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["decoder"] == "transposed_conv" and row["fastest"] in memory_format.SETTINGS
     assert all(_positive(row[f"{s}_s"]) for s in memory_format.SETTINGS)
+
+
+def test_refine_probe_refines_noisy_true_images_towards_the_clean_ones(tmp_path):
+    from benchmarks import refine_probe
+
+    out = tmp_path / "probe.json"
+    refine_probe.main(["--taps", "vgg16/block1", "--steps", "3", "--images", "1", "--max-images", "5",
+                       "--work", str(tmp_path / "work"), "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["tap"] == "vgg16/block1" and row["steps"] == 3 and row["images"] == 1
+    assert row["feature_loss_refined"] < row["feature_loss_start"]
+    assert row["psnr_refined"] > row["psnr_start"]
