@@ -178,13 +178,15 @@ def _report(rows: list[dict], out: Path) -> None:
     write_json(out, [{"machine": where, "benchmark": setting, **r} for r in rows])
     cols = ["tap", "decoder", "refine_steps", "train_steps", "train_seconds", "psnr", "ssim", "refine"]
     print(table(rows, cols, {"psnr": ".2f", "ssim": ".4f"}), flush=True)
+    # Per tap: the decoder with the best decoder-only PSNR, and that same run refined (or "off").
     per_tap: dict[str, dict] = {}
     for r in rows:
-        d = per_tap.setdefault(r["tap"], {"tap": r["tap"], "psnr_decoder": float("-inf"), "psnr_refined": None})
-        if r["refine_steps"] == 0:
-            d["psnr_decoder"] = max(d["psnr_decoder"], r["psnr"])
-        else:
-            d["psnr_refined"] = max(d["psnr_refined"] or float("-inf"), r["psnr"])
+        if r["refine_steps"] == 0 and r["psnr"] > per_tap.get(r["tap"], {}).get("psnr_decoder", float("-inf")):
+            per_tap[r["tap"]] = {"tap": r["tap"], "decoder": r["decoder"], "psnr_decoder": r["psnr"], "psnr_refined": None}
+    for r in rows:
+        best = per_tap[r["tap"]]
+        if r["refine_steps"] > 0 and r["decoder"] == best["decoder"]:
+            best["psnr_refined"] = r["psnr"]
     depth_figure(list(per_tap.values()), out.with_name("psnr_by_tap.png"),
                  title="CSet14+CSet5 test PSNR per tap (random weights)")
 
