@@ -18,7 +18,7 @@ from rich.table import Table
 
 from featinv.config import Config, load_params, with_overrides
 from featinv.console import console, progress_bar, setup_logging
-from featinv.errors import FeatinvError, ParamsError
+from featinv.errors import FeatinvError
 
 app = typer.Typer(help="featinv: how much of an image do a network's features give away?",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -169,12 +169,6 @@ def reconstruct(
     from featinv.device import resolve_device
     from featinv.reconstruct import reconstruct_images, render_reconstructions
 
-    from featinv.refine import OPTIMIZERS
-
-    if refine_optimizer not in OPTIMIZERS:
-        raise ParamsError(f"--refine-optimizer {refine_optimizer!r} is not valid; choices: {', '.join(OPTIMIZERS)}")
-    if refine_smooth < 1:
-        raise ParamsError(f"--refine-smooth {refine_smooth} must be ≥ 1 (1 = every pixel)")
     checkpoint = _resolve_run(run)
     dev, _ = resolve_device(device, "--device")
     results = reconstruct_images(images, checkpoint, refine, refine_lr, refine_tv, dev, refine_optimizer,
@@ -233,6 +227,7 @@ def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs 
     extract@<tap> stage, every run trains from the cached stores, and the leaderboard lands in
     study/results/.
     """
+    from featinv.errors import ParamsError
     from featinv.study import plan_runs
 
     cfg = load_params(params)

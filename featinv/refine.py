@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from featinv.config import EvaluateConfig
+from featinv.errors import ParamsError
 from featinv.feature_store import FeatureStore
 from featinv.taps import TapEncoder, build_encoder
 
@@ -80,19 +81,20 @@ def refine_images(
         feature loss before/after, the settings).
 
     Raises:
-        ValueError: unknown optimizer or ``smooth`` < 1.
+        ParamsError: unknown optimizer or ``smooth`` < 1.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"refinement optimizer {optimizer!r} is not valid; choices: {', '.join(OPTIMIZERS)}")
+        raise ParamsError(f"refinement optimizer {optimizer!r} (`evaluate.refine_optimizer`, --refine-optimizer) "
+                          f"is not valid; choices: {', '.join(OPTIMIZERS)}")
     if smooth < 1:
-        raise ValueError(f"refinement smooth must be ≥ 1, got {smooth}")
+        raise ParamsError(f"refinement smooth {smooth} (`evaluate.refine_smooth`, --refine-smooth) must be ≥ 1")
     start = time.perf_counter()
     # Each encoder's MSE is normalised by its target's energy so taps weigh equally.
     scales = [float(t.float().pow(2).mean().clamp_min(1e-12)) for t in targets]
     base = init01.detach().clamp(0, 1).contiguous()
     height, width = base.shape[-2:]
-    grid = base if smooth == 1 else base[..., ::smooth, ::smooth]  # ceil(H/smooth) × ceil(W/smooth)
-    correction = torch.zeros_like(grid).contiguous().requires_grad_(True)
+    grid_shape = (*base.shape[:2], -(-height // smooth), -(-width // smooth))  # ceil(H/smooth) × ceil(W/smooth)
+    correction = base.new_zeros(grid_shape, requires_grad=True)
 
     def image() -> torch.Tensor:
         if smooth == 1:
