@@ -162,6 +162,10 @@ def reconstruct(
     refine_tv: Annotated[float, typer.Option(help="total-variation prior weight")] = 0.0,
     refine_optimizer: Annotated[str, typer.Option(help="adam | lbfgs")] = "adam",
     refine_smooth: Annotated[int, typer.Option(help="optimise the correction on a grid this many times coarser")] = 1,
+    refine_samples: Annotated[int, typer.Option(help="average this many refinements from noisy starts")] = 1,
+    refine_noise: Annotated[float, typer.Option(help="std of each sample's start noise (needed with samples > 1)")]
+    = 0.0,
+    refine_seed: Annotated[int, typer.Option(help="seeds the start noise")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("reconstruction.png"),
     device: str = "auto",
 ) -> None:
@@ -171,8 +175,9 @@ def reconstruct(
 
     checkpoint = _resolve_run(run)
     dev, _ = resolve_device(device, "--device")
-    results = reconstruct_images(images, checkpoint, refine, refine_lr, refine_tv, dev, refine_optimizer,
-                                 refine_smooth)
+    results = reconstruct_images(images, checkpoint, refine, dev, lr=refine_lr, tv=refine_tv,
+                                 optimizer=refine_optimizer, smooth=refine_smooth, samples=refine_samples,
+                                 noise=refine_noise, seed=refine_seed)
     render_reconstructions(results, out, title=f"{run}" + (f" + {refine} refinement steps" if refine else ""))
     for r in results:
         console.print(f"{r.path}: PSNR {r.psnr:.2f} dB · SSIM {r.ssim:.3f}")

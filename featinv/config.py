@@ -106,6 +106,9 @@ class EvaluateConfig:
     refine_tv: float = 0.0
     refine_optimizer: Literal["adam", "lbfgs"] = "adam"
     refine_smooth: int = 1  # optimise the correction on a grid this many times coarser (1 = per pixel)
+    refine_samples: int = 1  # average this many refinements, each from a noisy start (posterior-mean estimate)
+    refine_noise: float = 0.0  # std of each sample's start noise (pixels in [0, 1]); > 0 when refine_samples > 1
+    refine_seed: int = 0  # seeds the start noise
     grid_images: int = 6
     device: str = "auto"
 
@@ -114,6 +117,13 @@ class EvaluateConfig:
             raise ParamsError(f"`evaluate.refine` = {self.refine} must be ≥ 0 (0 = decoder only)")
         if self.refine_smooth < 1:
             raise ParamsError(f"`evaluate.refine_smooth` = {self.refine_smooth} must be ≥ 1 (1 = every pixel)")
+        if self.refine_samples < 1:
+            raise ParamsError(f"`evaluate.refine_samples` = {self.refine_samples} must be ≥ 1")
+        if self.refine_noise < 0:
+            raise ParamsError(f"`evaluate.refine_noise` = {self.refine_noise} must be ≥ 0")
+        if self.refine_samples > 1 and self.refine_noise == 0:
+            raise ParamsError(f"`evaluate.refine_samples` = {self.refine_samples} needs `evaluate.refine_noise` > 0 "
+                              "(without noise every sample is the same refinement), e.g. 0.05")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,11 +42,14 @@ class Reconstruction:
 
 
 def reconstruct_images(
-    paths: Sequence[str | Path], checkpoint: str | Path, refine: int = 0, refine_lr: float = 0.01,
-    refine_tv: float = 0.0, device: str | torch.device = "cpu", refine_optimizer: str = "adam",
-    refine_smooth: int = 1,
+    paths: Sequence[str | Path], checkpoint: str | Path, refine: int = 0, device: str | torch.device = "cpu",
+    **refine_settings: Any,
 ) -> list[Reconstruction]:
     """Run each image through the checkpoint's encoder(s) and decoder.
+
+    ``refine`` > 0 then refines the reconstructions by feature matching; ``refine_settings``
+    are :func:`featinv.refine.refine_images`'s keywords (``lr``, ``tv``, ``optimizer``,
+    ``smooth``, ``samples``, ``noise``, ``seed``).
 
     Raises:
         BadImageError: an image cannot be read.
@@ -69,8 +73,7 @@ def reconstruct_images(
     decoder_rows = image_metrics(pixels01.cpu(), preds.cpu())
     final = preds
     if refine > 0:
-        final, report = refine_images(preds, encoders, feats, refine, refine_lr, refine_tv,
-                                      optimizer=refine_optimizer, smooth=refine_smooth)
+        final, report = refine_images(preds, encoders, feats, refine, **refine_settings)
         log.info("refinement: %d steps in %.1fs", report["steps"], report["seconds"])
     rows = image_metrics(pixels01.cpu(), final.cpu())
     return [

@@ -19,6 +19,13 @@ Two choices matter on deep taps, where many images share the target's features:
   On random-init VGG-16 block3, matching features from a start of *true image +
   noise* left most of the noise in place (``benchmarks/refine_probe.py``):
   three max-pools deep, the finest octave is barely determined by the features.
+* ``samples`` and ``noise``: average several refinements, each started from the
+  decoder's output plus seeded Gaussian noise of std ``noise``.  Where the
+  features leave detail undetermined, a single refinement fills it with
+  texture of the right local energy but arbitrary phase, which costs PSNR; each
+  sample gets a different phase, so the mean keeps what every sample agrees
+  on (what the features pin down) and averages the rest away: an estimate of
+  the posterior mean, which is what PSNR rewards.  Cost: ``samples`` refinements.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ def refine_images(
     early_stop: bool = True,
     optimizer: str = "adam",
     smooth: int = 1,
+    samples: int = 1,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Refine a batch of images so each encoder's features match its target features.
 
@@ -75,23 +85,67 @@ def refine_images(
         early_stop: stop when the feature loss plateaus.
         optimizer: ``adam`` or ``lbfgs``.
         smooth: optimise the correction on a grid this many times coarser (1 = every pixel).
+        samples: refinements to average, each from ``init01`` plus fresh noise.
+        noise: std of the Gaussian noise added to each sample's start (pixels in [0, 1]).
+        seed: seeds the start noise, so a refinement is reproducible.
 
     Returns:
-        The refined images (N, 3, H, W) in [0, 1] and a report (steps run, seconds,
-        feature loss before/after, the settings).
+        The refined images (N, 3, H, W) in [0, 1] (the mean over samples) and a report
+        (steps run per sample, seconds, feature loss before/after, the settings).
 
     Raises:
-        ParamsError: unknown optimizer or ``smooth`` < 1.
+        ParamsError: unknown optimizer, ``smooth`` < 1, ``samples`` < 1, ``noise`` < 0,
+            or several samples without noise (they would all be the same).
     """
     if optimizer not in OPTIMIZERS:
         raise ParamsError(f"refinement optimizer {optimizer!r} (`evaluate.refine_optimizer`, --refine-optimizer) "
                           f"is not valid; choices: {', '.join(OPTIMIZERS)}")
     if smooth < 1:
         raise ParamsError(f"refinement smooth {smooth} (`evaluate.refine_smooth`, --refine-smooth) must be ≥ 1")
+    if samples < 1:
+        raise ParamsError(f"refinement samples {samples} (`evaluate.refine_samples`, --refine-samples) must be ≥ 1")
+    if noise < 0:
+        raise ParamsError(f"refinement noise {noise} (`evaluate.refine_noise`, --refine-noise) must be ≥ 0")
+    if samples > 1 and noise == 0:
+        raise ParamsError(f"refinement samples {samples} with noise 0 would be {samples} identical refinements; "
+                          "set `evaluate.refine_noise` (--refine-noise) > 0, e.g. 0.05")
     start = time.perf_counter()
-    # Each encoder's MSE is normalised by its target's energy so taps weigh equally.
-    scales = [float(t.float().pow(2).mean().clamp_min(1e-12)) for t in targets]
+    scales = _target_scales(targets)
     base = init01.detach().clamp(0, 1).contiguous()
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(base)
+    steps_run = []
+    for _ in range(samples):
+        start01 = base
+        if noise > 0:  # drawn on the CPU so a seed gives the same starts on every device
+            start01 = (base + noise * torch.randn(base.shape, generator=generator).to(base.device)).clamp(0, 1)
+        refined, run = _refine_one(start01, encoders, targets, scales, steps, lr, tv, early_stop, optimizer, smooth)
+        total += refined
+        steps_run.append(run)
+    mean = total / samples
+    with torch.no_grad():
+        initial = float(_feature_loss(base, encoders, targets, scales))
+        final = float(_feature_loss(mean, encoders, targets, scales))
+    report = {"steps": max(steps_run), "max_steps": steps, "optimizer": optimizer, "lr": lr, "tv": tv, "smooth": smooth,
+              "samples": samples, "noise": noise, "seed": seed, "steps_per_sample": steps_run,
+              "seconds": time.perf_counter() - start, "feature_loss_initial": initial, "feature_loss_final": final}
+    return mean, report
+
+
+def _target_scales(targets: list[torch.Tensor]) -> list[float]:
+    # Each encoder's MSE is normalised by its target's energy so taps weigh equally.
+    return [float(t.float().pow(2).mean().clamp_min(1e-12)) for t in targets]
+
+
+def _feature_loss(img: torch.Tensor, encoders: list[TapEncoder], targets: list[torch.Tensor],
+                  scales: list[float]) -> torch.Tensor:
+    return sum(((enc(img) - tgt) ** 2).mean() / s for enc, tgt, s in zip(encoders, targets, scales))
+
+
+def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[torch.Tensor], scales: list[float],
+                steps: int, lr: float, tv: float, early_stop: bool, optimizer: str,
+                smooth: int) -> tuple[torch.Tensor, int]:
+    """One refinement from ``base``: the refined images and the steps it ran."""
     height, width = base.shape[-2:]
     grid_shape = (*base.shape[:2], -(-height // smooth), -(-width // smooth))  # ceil(H/smooth) × ceil(W/smooth)
     correction = base.new_zeros(grid_shape, requires_grad=True)
@@ -102,12 +156,9 @@ def refine_images(
         up = F.interpolate(correction, size=(height, width), mode="bilinear", align_corners=False)
         return (base + up).clamp(0, 1)
 
-    def feature_loss(img: torch.Tensor) -> torch.Tensor:
-        return sum(((enc(img) - tgt) ** 2).mean() / s for enc, tgt, s in zip(encoders, targets, scales))
-
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
         img = image()
-        loss = feature_loss(img)
+        loss = _feature_loss(img, encoders, targets, scales)
         return loss, (loss + tv * total_variation(img) if tv > 0 else loss)
 
     if optimizer == "adam":
@@ -115,8 +166,6 @@ def refine_images(
     else:
         opt = torch.optim.LBFGS([correction], lr=1.0, max_iter=1, history_size=LBFGS_HISTORY,
                                 line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
-    with torch.no_grad():
-        initial = float(feature_loss(base))
     history: list[float] = []
     run = 0
     for run in range(1, steps + 1):
@@ -139,11 +188,7 @@ def refine_images(
             if old - history[-1] <= PLATEAU_REL * old:
                 break
     with torch.no_grad():
-        refined = image().clamp(0, 1)
-        final = float(feature_loss(refined))
-    report = {"steps": run, "max_steps": steps, "optimizer": optimizer, "lr": lr, "tv": tv, "smooth": smooth,
-              "seconds": time.perf_counter() - start, "feature_loss_initial": initial, "feature_loss_final": final}
-    return refined.detach(), report
+        return image().clamp(0, 1).detach(), run
 
 
 def refine_reconstructions(
@@ -166,7 +211,8 @@ def refine_reconstructions(
         encoders.append(encoder)
         targets.append(torch.from_numpy(store.split(split)[:]).float().to(device))
     refined, report = refine_images(preds01.to(device), encoders, targets, cfg.refine, cfg.refine_lr, cfg.refine_tv,
-                                    optimizer=cfg.refine_optimizer, smooth=cfg.refine_smooth)
+                                    optimizer=cfg.refine_optimizer, smooth=cfg.refine_smooth,
+                                    samples=cfg.refine_samples, noise=cfg.refine_noise, seed=cfg.refine_seed)
     log.info("refined %d images: %d steps in %.1fs, feature loss %.4g → %.4g", preds01.shape[0],
              report["steps"], report["seconds"], report["feature_loss_initial"], report["feature_loss_final"])
     return refined.cpu(), report
@@ -186,7 +232,7 @@ def choose_refinement(
         preds01, targets01: decoder outputs and true pixels of the validation split.
         encoders, feature_targets: as for :func:`refine_images`.
         candidates: settings to try, each ``{"lr": ..., "tv": ...}`` and optionally
-            ``"optimizer"`` and ``"smooth"`` (see :func:`refine_images`).
+            ``"optimizer"``, ``"smooth"``, ``"samples"`` and ``"noise"`` (see :func:`refine_images`).
         steps: refinement steps per candidate.
 
     Returns:
@@ -214,4 +260,5 @@ def choose_refinement(
 def _settings(candidate: dict[str, Any]) -> dict[str, Any]:
     """A candidate's refinement settings, defaults filled in."""
     return {"lr": candidate["lr"], "tv": candidate.get("tv", 0.0), "optimizer": candidate.get("optimizer", "adam"),
-            "smooth": candidate.get("smooth", 1)}
+            "smooth": candidate.get("smooth", 1), "samples": candidate.get("samples", 1),
+            "noise": candidate.get("noise", 0.0)}

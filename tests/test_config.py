@@ -25,6 +25,8 @@ def test_repo_params_file_is_valid():
         ({"evaluate": {"refine_optimizer": "sgd"}}, "evaluate.refine_optimizer` = 'sgd' is not valid; choices: adam, lbfgs"),
         ({"evaluate": {"refine_smooth": 0}}, "evaluate.refine_smooth` = 0 must be ≥ 1"),
         ({"evaluate": {"refine": -5}}, "evaluate.refine` = -5 must be ≥ 0"),
+        ({"evaluate": {"refine_samples": 4}}, "needs `evaluate.refine_noise` > 0"),
+        ({"evaluate": {"refine_noise": -0.1}}, "evaluate.refine_noise` = -0.1 must be ≥ 0"),
     ],
 )
 def test_bad_params_name_the_key(params, fragment):

@@ -44,3 +44,27 @@ def test_refinement_lowers_feature_error_and_is_reported(trained, tiny_images, t
     assert report["max_steps"] == 15 and report["lr"] == 0.01
     assert report["feature_loss_final"] < 0.7 * report["feature_loss_initial"]
     assert "decoder_only" in metrics
+
+
+def test_reconstruct_command_takes_a_users_jpeg_and_png_and_writes_the_comparison(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import photo, write_image
+    from featinv.cli import app
+
+    jpeg = write_image(tmp_path / "holiday.jpg", photo(300, seed=1), quality=90)
+    grey_png = write_image(tmp_path / "scan.png", photo(260, seed=2)[..., 0], mode="L")
+    out = tmp_path / "side_by_side.png"
+    args = ["reconstruct", str(jpeg), str(grey_png), "--run", str(trained), "--device", "cpu", "-o", str(out),
+            "--refine", "2", "--refine-optimizer", "lbfgs", "--refine-samples", "2", "--refine-noise", "0.05"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "holiday.jpg: PSNR" in result.output and "scan.png: PSNR" in result.output
+    figure = Image.open(out)
+    assert figure.width >= 3 * 224 and figure.height >= 2 * 224  # original | reconstruction | difference, 2 rows
+
+    refused = tmp_path / "refused.png"
+    result = CliRunner().invoke(app, ["reconstruct", str(jpeg), "--run", str(trained), "--device", "cpu",
+                                      "-o", str(refused), "--refine", "2", "--refine-samples", "3"])
+    assert result.exit_code == 1 and "refine_noise" in result.output and "Traceback" not in result.output
+    assert not refused.exists()

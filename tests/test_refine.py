@@ -107,3 +107,25 @@ def test_refinement_rejects_an_unknown_optimizer():
     encoder = build_encoder("vgg16/block1")
     with pytest.raises(ValueError, match="choices: adam, lbfgs"):
         refine_images(_image(), [encoder], [encoder(_image())], steps=1, optimizer="sgd")
+
+
+def test_averaging_noisy_refinements_cancels_detail_the_features_do_not_determine():
+    # On vgg16/block3 (three max-pools deep) the start noise largely survives refinement;
+    # each sample's noise is different, so the mean of four is clearly closer to the truth.
+    encoder = build_encoder("vgg16/block3")
+    target = _image(seed=3)
+    with torch.no_grad():
+        feats = encoder(target)
+    settings = {"steps": 3, "optimizer": "lbfgs", "noise": 0.1, "seed": 7}
+    single, _ = refine_images(target, [encoder], [feats], samples=1, **settings)
+    mean, report = refine_images(target, [encoder], [feats], samples=4, **settings)
+    assert report["samples"] == 4 and len(report["steps_per_sample"]) == 4
+    assert image_metrics(target, mean)[0]["psnr"] > image_metrics(target, single)[0]["psnr"] + 3
+    again, _ = refine_images(target, [encoder], [feats], samples=4, **settings)
+    assert torch.equal(mean, again)  # the seed fixes the start noise
+
+
+def test_several_samples_without_noise_are_refused():
+    encoder = build_encoder("vgg16/block1")
+    with pytest.raises(ValueError, match="refine_noise"):
+        refine_images(_image(), [encoder], [encoder(_image())], steps=1, samples=3)
