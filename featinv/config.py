@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 DataSource = Literal["sample", "folder", "div2k"]
+RefineOptimizer = Literal["adam", "lbfgs"]
+REFINE_OPTIMIZERS: tuple[str, ...] = get_args(RefineOptimizer)
 Weights = str  # "random" | "imagenet" | a path to a state dict
 
 
@@ -104,7 +106,7 @@ class EvaluateConfig:
     refine: int = 0  # feature-matching refinement steps (0 = decoder only)
     refine_lr: float = 0.01  # Adam's step on pixels (L-BFGS's steps come from its line search)
     refine_tv: float = 0.0
-    refine_optimizer: Literal["adam", "lbfgs"] = "adam"
+    refine_optimizer: RefineOptimizer = "adam"
     refine_smooth: int = 1  # optimise the correction on a grid this many times coarser (1 = per pixel)
     refine_samples: int = 1  # average this many refinements, each from a noisy start (posterior-mean estimate)
     refine_noise: float = 0.0  # std of each sample's start noise (pixels in [0, 1]); > 0 when refine_samples > 1
@@ -115,15 +117,27 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.refine < 0:
             raise ParamsError(f"`evaluate.refine` = {self.refine} must be ≥ 0 (0 = decoder only)")
-        if self.refine_smooth < 1:
-            raise ParamsError(f"`evaluate.refine_smooth` = {self.refine_smooth} must be ≥ 1 (1 = every pixel)")
-        if self.refine_samples < 1:
-            raise ParamsError(f"`evaluate.refine_samples` = {self.refine_samples} must be ≥ 1")
-        if self.refine_noise < 0:
-            raise ParamsError(f"`evaluate.refine_noise` = {self.refine_noise} must be ≥ 0")
-        if self.refine_samples > 1 and self.refine_noise == 0:
-            raise ParamsError(f"`evaluate.refine_samples` = {self.refine_samples} needs `evaluate.refine_noise` > 0 "
-                              "(without noise every sample is the same refinement), e.g. 0.05")
+        check_refine_settings(self.refine_optimizer, self.refine_smooth, self.refine_samples, self.refine_noise)
+
+
+def check_refine_settings(optimizer: str, smooth: int, samples: int, noise: float) -> None:
+    """The rules for refinement settings, shared by ``evaluate:`` params and ``refine_images`` callers.
+
+    Raises:
+        ParamsError: naming the ``evaluate.refine_*`` key and its CLI flag.
+    """
+    if optimizer not in REFINE_OPTIMIZERS:
+        raise ParamsError(f"`evaluate.refine_optimizer` = {optimizer!r} is not valid; "
+                          f"choices: {', '.join(REFINE_OPTIMIZERS)} (flag --refine-optimizer)")
+    if smooth < 1:
+        raise ParamsError(f"`evaluate.refine_smooth` = {smooth} must be ≥ 1 (1 = every pixel; flag --refine-smooth)")
+    if samples < 1:
+        raise ParamsError(f"`evaluate.refine_samples` = {samples} must be ≥ 1 (flag --refine-samples)")
+    if noise < 0:
+        raise ParamsError(f"`evaluate.refine_noise` = {noise} must be ≥ 0 (flag --refine-noise)")
+    if samples > 1 and noise == 0:
+        raise ParamsError(f"`evaluate.refine_samples` = {samples} needs `evaluate.refine_noise` > 0 (flags --refine-samples, "
+                          "--refine-noise): without noise every sample is the same refinement; e.g. 0.05")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from featinv.config import EvaluateConfig
-from featinv.errors import ParamsError
+from featinv.config import REFINE_OPTIMIZERS, EvaluateConfig, check_refine_settings
 from featinv.feature_store import FeatureStore
 from featinv.taps import TapEncoder, build_encoder
 
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 
 PLATEAU_WINDOW = 10  # steps over which the feature loss must keep improving
 PLATEAU_REL = 1e-3  # … by at least this relative amount, or refinement stops
-OPTIMIZERS = ("adam", "lbfgs")
+OPTIMIZERS = REFINE_OPTIMIZERS
 LBFGS_HISTORY = 20
 
 
@@ -97,18 +96,7 @@ def refine_images(
         ParamsError: unknown optimizer, ``smooth`` < 1, ``samples`` < 1, ``noise`` < 0,
             or several samples without noise (they would all be the same).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ParamsError(f"refinement optimizer {optimizer!r} (`evaluate.refine_optimizer`, --refine-optimizer) "
-                          f"is not valid; choices: {', '.join(OPTIMIZERS)}")
-    if smooth < 1:
-        raise ParamsError(f"refinement smooth {smooth} (`evaluate.refine_smooth`, --refine-smooth) must be ≥ 1")
-    if samples < 1:
-        raise ParamsError(f"refinement samples {samples} (`evaluate.refine_samples`, --refine-samples) must be ≥ 1")
-    if noise < 0:
-        raise ParamsError(f"refinement noise {noise} (`evaluate.refine_noise`, --refine-noise) must be ≥ 0")
-    if samples > 1 and noise == 0:
-        raise ParamsError(f"refinement samples {samples} with noise 0 would be {samples} identical refinements; "
-                          "set `evaluate.refine_noise` (--refine-noise) > 0, e.g. 0.05")
+    check_refine_settings(optimizer, smooth, samples, noise)
     start = time.perf_counter()
     scales = _target_scales(targets)
     base = init01.detach().clamp(0, 1).contiguous()
