@@ -61,12 +61,15 @@ RECIPES = {"transposed_conv": PUBLISHED, "residual_shuffle": RESIDUAL_SHUFFLE, "
 DEFAULT_DECODERS = {"vgg16/block1": ["transposed_conv", "residual_shuffle", "local_mlp"]}
 OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
-# L-BFGS on a 2× coarser correction, and the mean of 8 L-BFGS refinements from noisy starts, are
-# for deep taps, where a single refinement adds detail the features do not determine (module
-# docstring of featinv.refine).  The 8-sample candidate costs 8 refinements, in selection too.
+# The L-BFGS candidates are for deep taps, where a single per-pixel refinement adds detail the
+# features do not determine (module docstring of featinv.refine): a 2× coarser correction; the
+# same followed by one decoder back-projection; and the mean of 4 such refinements from
+# antithetic noisy starts, back-projected (4 refinements' cost, in selection too).
 REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002},
                      {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
-                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "samples": 8, "noise": 0.05}]
+                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
+                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "samples": 4, "noise": 0.05,
+                      "backproject": 1}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -151,7 +154,9 @@ def _describe(settings: dict) -> str:
     text = "L-BFGS" if settings["optimizer"] == "lbfgs" else f"lr {settings['lr']}"
     text += f", tv {settings['tv']}" + (f", smooth {settings['smooth']}" if settings["smooth"] > 1 else "")
     if settings["samples"] > 1:
-        text += f", mean of {settings['samples']} from noise {settings['noise']} starts"
+        text += f", mean of {settings['samples']} from ±noise {settings['noise']} starts"
+    if settings["backproject"]:
+        text += f", {settings['backproject']} decoder back-projection (step {settings['backproject_step']})"
     return text
 
 
@@ -162,7 +167,7 @@ def _select_refinement(checkpoint, images_path, features, steps):
     preds, targets = predict_split(model, stores, images, "val", torch.device("cpu"))
     encoders = [build_encoder(s.spec, "random", WEIGHTS_SEED) for s in stores]
     feats = [torch.from_numpy(s.split("val")[:]).float() for s in stores]
-    return choose_refinement(preds, targets, encoders, feats, REFINE_CANDIDATES, steps)
+    return choose_refinement(preds, targets, encoders, feats, REFINE_CANDIDATES, steps, decoder=model)
 
 
 def _previous_rows(out: Path, plan: list[tuple[str, str]]) -> list[dict]:

@@ -166,6 +166,8 @@ def reconstruct(
     refine_noise: Annotated[float, typer.Option(help="std of each sample's start noise (needed with samples > 1)")]
     = 0.0,
     refine_seed: Annotated[int, typer.Option(help="seeds the start noise")] = 0,
+    refine_backproject: Annotated[int, typer.Option(help="decoder back-projection iterations after matching")] = 0,
+    refine_backproject_step: Annotated[float, typer.Option(help="each back-projection iteration's step")] = 1.0,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write")] = Path("reconstruction.png"),
     device: str = "auto",
 ) -> None:
@@ -177,7 +179,8 @@ def reconstruct(
     dev, _ = resolve_device(device, "--device")
     results = reconstruct_images(images, checkpoint, refine, dev, lr=refine_lr, tv=refine_tv,
                                  optimizer=refine_optimizer, smooth=refine_smooth, samples=refine_samples,
-                                 noise=refine_noise, seed=refine_seed)
+                                 noise=refine_noise, seed=refine_seed, backproject=refine_backproject,
+                                 backproject_step=refine_backproject_step)
     render_reconstructions(results, out, title=f"{run}" + (f" + {refine} refinement steps" if refine else ""))
     for r in results:
         console.print(f"{r.path}: PSNR {r.psnr:.2f} dB · SSIM {r.ssim:.3f}")

@@ -111,16 +111,20 @@ class EvaluateConfig:
     refine_samples: int = 1  # average this many refinements, each from a noisy start (posterior-mean estimate)
     refine_noise: float = 0.0  # std of each sample's start noise (pixels in [0, 1]); > 0 when refine_samples > 1
     refine_seed: int = 0  # seeds the start noise
+    refine_backproject: int = 0  # decoder back-projection iterations after matching (0 = none)
+    refine_backproject_step: float = 1.0  # each back-projection iteration's step
     grid_images: int = 6
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.refine < 0:
             raise ParamsError(f"`evaluate.refine` = {self.refine} must be ≥ 0 (0 = decoder only)")
-        check_refine_settings(self.refine_optimizer, self.refine_smooth, self.refine_samples, self.refine_noise)
+        check_refine_settings(self.refine_optimizer, self.refine_smooth, self.refine_samples, self.refine_noise,
+                              self.refine_backproject, self.refine_backproject_step)
 
 
-def check_refine_settings(optimizer: str, smooth: int, samples: int, noise: float) -> None:
+def check_refine_settings(optimizer: str, smooth: int, samples: int, noise: float, backproject: int = 0,
+                          backproject_step: float = 1.0) -> None:
     """The rules for refinement settings, shared by ``evaluate:`` params and ``refine_images`` callers.
 
     Raises:
@@ -138,6 +142,11 @@ def check_refine_settings(optimizer: str, smooth: int, samples: int, noise: floa
     if samples > 1 and noise == 0:
         raise ParamsError(f"`evaluate.refine_samples` = {samples} needs `evaluate.refine_noise` > 0 (flags --refine-samples, "
                           "--refine-noise): without noise every sample is the same refinement; e.g. 0.05")
+    if backproject < 0:
+        raise ParamsError(f"`evaluate.refine_backproject` = {backproject} must be ≥ 0 (0 = none; flag --refine-backproject)")
+    if not backproject_step > 0:
+        raise ParamsError(f"`evaluate.refine_backproject_step` = {backproject_step} must be > 0 "
+                          "(flag --refine-backproject-step)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ def evaluate_run(
     if cfg.refine > 0:
         from featinv.refine import refine_reconstructions
 
-        refined, refine_info = refine_reconstructions(preds, stores, meta, cfg, device)
+        refined, refine_info = refine_reconstructions(preds, stores, meta, cfg, device, model)
     final = refined if refined is not None else preds
 
     rows = image_metrics(targets, final)

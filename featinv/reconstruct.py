@@ -49,7 +49,7 @@ def reconstruct_images(
 
     ``refine`` > 0 then refines the reconstructions by feature matching; ``refine_settings``
     are :func:`featinv.refine.refine_images`'s keywords (``lr``, ``tv``, ``optimizer``,
-    ``smooth``, ``samples``, ``noise``, ``seed``).
+    ``smooth``, ``samples``, ``noise``, ``seed``, ``backproject``, ``backproject_step``).
 
     Raises:
         BadImageError: an image cannot be read.
@@ -73,7 +73,7 @@ def reconstruct_images(
     decoder_rows = image_metrics(pixels01.cpu(), preds.cpu())
     final = preds
     if refine > 0:
-        final, report = refine_images(preds, encoders, feats, refine, **refine_settings)
+        final, report = refine_images(preds, encoders, feats, refine, decoder=model, **refine_settings)
         log.info("refinement: %d steps in %.1fs", report["steps"], report["seconds"])
     rows = image_metrics(pixels01.cpu(), final.cpu())
     return [

@@ -27,6 +27,8 @@ def test_repo_params_file_is_valid():
         ({"evaluate": {"refine": -5}}, "evaluate.refine` = -5 must be ≥ 0"),
         ({"evaluate": {"refine_samples": 4}}, "needs `evaluate.refine_noise` > 0"),
         ({"evaluate": {"refine_noise": -0.1}}, "evaluate.refine_noise` = -0.1 must be ≥ 0"),
+        ({"evaluate": {"refine_backproject": -1}}, "evaluate.refine_backproject` = -1 must be ≥ 0"),
+        ({"evaluate": {"refine_backproject_step": 0.0}}, "evaluate.refine_backproject_step` = 0.0 must be > 0"),
     ],
 )
 def test_bad_params_name_the_key(params, fragment):

@@ -46,6 +46,18 @@ def test_refinement_lowers_feature_error_and_is_reported(trained, tiny_images, t
     assert "decoder_only" in metrics
 
 
+def test_back_projection_uses_the_runs_decoder_and_is_reported(trained, tiny_images, tiny_features, tmp_path):
+    settings = {"device": "cpu", "refine": 2, "refine_optimizer": "lbfgs", "refine_smooth": 2}
+    psnr = {}
+    for backproject in (0, 1):
+        paths = tmp_path / f"eval{backproject}.json", tmp_path / "per_image.csv", tmp_path / "grid.png"
+        cfg = EvaluateConfig(**settings, refine_backproject=backproject)
+        metrics = evaluate_run(trained, tiny_images, tiny_features, cfg, *paths)
+        assert metrics["refine"]["backproject"] == backproject
+        psnr[backproject] = metrics["psnr"]["mean"]
+    assert psnr[1] != psnr[0]  # the decoder's correction was applied
+
+
 def test_reconstruct_command_takes_a_users_jpeg_and_png_and_writes_the_comparison(trained, tmp_path):
     from typer.testing import CliRunner
 
@@ -56,7 +68,8 @@ def test_reconstruct_command_takes_a_users_jpeg_and_png_and_writes_the_compariso
     grey_png = write_image(tmp_path / "scan.png", photo(260, seed=2)[..., 0], mode="L")
     out = tmp_path / "side_by_side.png"
     args = ["reconstruct", str(jpeg), str(grey_png), "--run", str(trained), "--device", "cpu", "-o", str(out),
-            "--refine", "2", "--refine-optimizer", "lbfgs", "--refine-samples", "2", "--refine-noise", "0.05"]
+            "--refine", "2", "--refine-optimizer", "lbfgs", "--refine-samples", "2", "--refine-noise", "0.05",
+            "--refine-backproject", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "holiday.jpg: PSNR" in result.output and "scan.png: PSNR" in result.output

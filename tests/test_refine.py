@@ -103,6 +103,44 @@ def test_lbfgs_refinement_lowers_feature_error_and_smooth_leaves_the_finest_octa
     assert share[2] < 0.7 * share[1], share
 
 
+class _Cube(torch.nn.Module):
+    """A toy encoder whose curvature grows away from mid-grey, so a quasi-Newton step can overshoot."""
+
+    def forward(self, pixels01):
+        return (2 * pixels01 - 1) ** 3
+
+
+def test_lbfgs_shortens_an_overshooting_step_instead_of_stalling():
+    truth = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    encoder = _Cube()
+    start = 0.5 + 0.1 * (truth - 0.5)  # flat near the start: the first curvature estimate is far too low
+    _, report = refine_images(start, [encoder], [encoder(truth)], steps=20, optimizer="lbfgs", early_stop=False)
+    # Without a line search the first rejected step repeats forever (the loss stays at 99.7%).
+    assert report["feature_loss_final"] < 0.2 * report["feature_loss_initial"]
+
+
+def test_decoder_back_projection_restores_what_the_decoder_reads_as_missing():
+    # A linear toy: the "tap" is 4× average pooling, the "decoder" upsamples it at half contrast.
+    # Each back-projection step x ← x + D(f) − D(E(x)) moves x toward up(f), the best the tap allows.
+    truth = _image(seed=4)
+    encoder = torch.nn.AvgPool2d(4)
+
+    def decoder(feats):
+        return 0.25 + 0.5 * F.interpolate(feats[0], scale_factor=4, mode="nearest")
+
+    feats = encoder(truth)
+    start = decoder([feats])
+    best = F.interpolate(feats, scale_factor=4, mode="nearest")
+    settings = {"steps": 1, "lr": 1e-9, "decoder": decoder}
+    plain, _ = refine_images(start, [encoder], [feats], **settings)
+    back, report = refine_images(start, [encoder], [feats], backproject=8, **settings)
+    assert report["backproject"] == 8 and report["backproject_step"] == 1.0
+    assert image_metrics(best, back)[0]["psnr"] > image_metrics(best, plain)[0]["psnr"] + 20
+    assert image_metrics(truth, back)[0]["psnr"] > image_metrics(truth, plain)[0]["psnr"] + 3
+    with pytest.raises(ValueError, match="needs decoder="):
+        refine_images(start, [encoder], [feats], steps=1, backproject=1)
+
+
 def test_refinement_rejects_an_unknown_optimizer():
     encoder = build_encoder("vgg16/block1")
     with pytest.raises(ValueError, match="choices: adam, lbfgs"):
