@@ -33,7 +33,7 @@ from featinv.evaluate import _stores_of, evaluate_run, predict_split
 from featinv.feature_store import extract_features, store_path
 from featinv.image_store import ImageStore, prepare_images
 from featinv.model import load_checkpoint
-from featinv.presets import preset_overrides
+from featinv.presets import PRESETS, preset_overrides
 from featinv.refine import choose_refinement
 from featinv.study import depth_figure
 from featinv.taps import build_encoder, resolve_tap
@@ -63,13 +63,14 @@ OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
 # The L-BFGS candidates are for deep taps, where a single per-pixel refinement adds detail the
 # features do not determine (module docstring of featinv.refine): a 2× coarser correction; the
-# same followed by one decoder back-projection; and the mean of 4 such refinements from
-# antithetic noisy starts, back-projected (4 refinements' cost, in selection too).
+# same followed by one decoder back-projection; and the `deep_refine` preset, the mean of 4 such
+# refinements from antithetic noisy starts, back-projected (4 refinements' cost, in selection too).
+DEEP_REFINE = {key.removeprefix("evaluate.refine_"): value for key, value in PRESETS["deep_refine"].items()
+               if key != "evaluate.refine"}
 REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002},
                      {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
                      {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
-                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "samples": 4, "noise": 0.05,
-                      "backproject": 1}]
+                     {"lr": 0.01, "tv": 0.0, **DEEP_REFINE}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -1,7 +1,8 @@
 """Named bundles of param overrides: ``featinv preset NAME`` prints them for ``dvc exp run``.
 
 One definition serves the CLI, the docs and the benchmarks (``benchmarks/quality.py``
-trains featinv's decoder with the ``local_mlp`` preset), so they cannot drift apart.
+trains featinv's decoder with the ``local_mlp`` preset and tries ``deep_refine`` among its
+refinement candidates), so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ PRESETS: dict[str, dict[str, object]] = {
         # Windows are gathered from RAM; streaming would read a whole map per window.
         # VGG-16 block1 at DIV2K scale (2,560 views) is 4.1 GB of float16.
         "train.ram_cache_gb": 8,
+    },
+    # Refinement for deep taps, where the features leave fine detail undetermined: L-BFGS on a
+    # 2× coarser correction, the mean of 4 refinements from antithetic noisy starts, then one
+    # decoder back-projection (featinv.refine explains each; BENCHMARKS.md measures them).
+    "deep_refine": {
+        "evaluate.refine": 25,
+        "evaluate.refine_optimizer": "lbfgs",
+        "evaluate.refine_smooth": 2,
+        "evaluate.refine_samples": 4,
+        "evaluate.refine_noise": 0.05,
+        "evaluate.refine_backproject": 1,
     },
 }
 

@@ -7,7 +7,8 @@ tv·TV(x)`` over pixels ``x`` in [0, 1], the whole batch at once, and stop early
 when the feature loss stops falling.  This is the one place the encoder runs
 outside extraction.
 
-Two choices matter on deep taps, where many images share the target's features:
+Four settings matter on deep taps, where many images share the target's features (the
+``deep_refine`` preset combines them):
 
 * ``optimizer``: ``adam`` (per-pixel step sizes) or ``lbfgs`` (quasi-Newton with a
   strong-Wolfe line search).  Adam's per-coordinate scaling moves pixels in
@@ -27,8 +28,8 @@ Two choices matter on deep taps, where many images share the target's features:
   on (what the features pin down) and averages the rest away: an estimate of
   the posterior mean, which is what PSNR rewards.  The starts come in
   antithetic pairs (noise, −noise): the noise a refinement leaves untouched
-  cancels exactly within a pair instead of shrinking like 1/samples, so four
-  paired samples do about what eight independent ones did.  Cost: ``samples``
+  cancels exactly within a pair instead of shrinking like 1/samples, so the mean
+  needs fewer samples than independent starts would.  Cost: ``samples``
   refinements.
 * ``backproject``: after matching, push the image along what the *decoder* reads
   as missing, ``x ← x + step·(D(f) − D(E(x)))`` — iterative back-projection
@@ -179,14 +180,13 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
     height, width = base.shape[-2:]
     grid_shape = (*base.shape[:2], -(-height // smooth), -(-width // smooth))  # ceil(H/smooth) × ceil(W/smooth)
     correction = base.new_zeros(grid_shape, requires_grad=True)
-    # Adam projects the correction back into [0, 1] after each step; L-BFGS keeps curvature pairs
-    # across iterations, which a projection would invalidate, so it sees the clamped image instead.
-    clamp = optimizer == "lbfgs" or smooth > 1
-
     def image() -> torch.Tensor:
-        up = correction if smooth == 1 else F.interpolate(correction, size=(height, width), mode="bilinear",
-                                                           align_corners=False)
-        return (base + up).clamp(0, 1) if clamp else base + up
+        # A per-pixel correction is projected back into [0, 1] between optimiser calls (below); a
+        # coarse one cannot be, so its upsampled image is clamped.  Clamping a per-pixel image
+        # instead would freeze every pixel that overshoots the range (zero gradient there).
+        if smooth == 1:
+            return base + correction
+        return (base + F.interpolate(correction, size=(height, width), mode="bilinear", align_corners=False)).clamp(0, 1)
 
     losses: list[float] = []  # the feature loss of every evaluation
 
@@ -217,9 +217,6 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
         if optimizer == "adam":
             opt.step(closure)
             run += 1
-            with torch.no_grad():  # projected gradient: stay a valid image
-                if smooth == 1:
-                    correction.copy_((base + correction).clamp_(0, 1) - base)
             current = losses[-1]
         else:
             opt.param_groups[0]["max_iter"] = min(per_call, steps - run)
@@ -231,6 +228,9 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
                 break
             run += done
             current = min(losses[evaluated:])  # the line search keeps its lowest point
+        if smooth == 1:
+            with torch.no_grad():  # projected gradient: stay a valid image
+                correction.copy_((base + correction).clamp_(0, 1) - base)
         history.append((run, current))
         if early_stop and _plateaued(history):
             break
