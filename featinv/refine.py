@@ -180,6 +180,7 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
     height, width = base.shape[-2:]
     grid_shape = (*base.shape[:2], -(-height // smooth), -(-width // smooth))  # ceil(H/smooth) × ceil(W/smooth)
     correction = base.new_zeros(grid_shape, requires_grad=True)
+
     def image() -> torch.Tensor:
         # A per-pixel correction is projected back into [0, 1] between optimiser calls (below); a
         # coarse one cannot be, so its upsampled image is clamped.  Clamping a per-pixel image
@@ -201,7 +202,6 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
 
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam([correction], lr=lr)
-        per_call = 1
     else:
         # Several iterations per call: each call re-evaluates its starting point, which the previous
         # call's line search already did.  max_eval must be given: torch's default (max_iter · 5/4)
