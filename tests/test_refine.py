@@ -115,7 +115,7 @@ def test_lbfgs_shortens_an_overshooting_step_instead_of_stalling():
     encoder = _Cube()
     start = 0.5 + 0.1 * (truth - 0.5)  # flat near the start: the first curvature estimate is far too low
     _, report = refine_images(start, [encoder], [encoder(truth)], steps=20, optimizer="lbfgs", early_stop=False)
-    # Without a line search the first rejected step repeats forever (the loss stays at 99.7%).
+    # Without a line search the first rejected step repeats forever and the loss does not fall.
     assert report["feature_loss_final"] < 0.2 * report["feature_loss_initial"]
 
 
