@@ -18,6 +18,7 @@ __all__ = [
     "WeightsUnavailableError",
     "DownloadError",
     "CheckpointError",
+    "StorageError",
 ]
 
 
@@ -62,3 +63,7 @@ class DownloadError(FeatinvError):
 
 class CheckpointError(FeatinvError):
     """A checkpoint is missing, unreadable or inconsistent."""
+
+
+class StorageError(FeatinvError):
+    """Writing an output failed (disk full, permission denied, read-only filesystem); the path is named."""
