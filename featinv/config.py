@@ -9,6 +9,7 @@ default (nanoGPT's configurator, without the ``exec``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -35,77 +36,176 @@ __all__ = [
 DataSource = Literal["sample", "folder", "div2k"]
 RefineOptimizer = Literal["adam", "lbfgs"]
 REFINE_OPTIMIZERS: tuple[str, ...] = get_args(RefineOptimizer)
-Weights = str  # "random" | "imagenet" | a path to a state dict
+# "random" | "imagenet" | a path to a state dict, or a mapping from tap / `timm:<model>` / family to one
+# of those with a `default` (featinv.taps.weights_for_tap resolves it per tap).
+Weights = str | dict[str, str]
+Normalisation = Literal["auto", "imagenet", "inception"]
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class Bound:
+    """The valid range of a numeric setting: ``low ≤ value ≤ high`` (open ends with ``*_open``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, key: str, value: float | None) -> None:
+        if value is None:
+            return
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            raise ParamsError(f"`{key}` = {value!r} must be {self}")
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '≥'} {_num(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '≤'} {_num(self.high)}"
+        return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _num(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Any:
+    """A dataclass field whose value (when not None) must lie in the given range."""
+    return dataclasses.field(default=default, metadata={"bound": Bound(low, high, low_open, high_open)})
+
+
+def device_field(default: str = "auto") -> Any:
+    """A device setting: ``auto | cpu | cuda | cuda:N | mps`` (availability is checked when used)."""
+    return dataclasses.field(default=default, metadata={"device": True})
+
+
+class _Section:
+    """Validates every bounded / device field of a params section when it is built.
+
+    Every command and stage builds its config before doing any work, so an invalid setting
+    stops it there — whether or not its outputs are already up to date.
+    """
+
+    SECTION: typing.ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            key, value = _join(self.SECTION, f.name), getattr(self, f.name)
+            if "bound" in f.metadata:
+                f.metadata["bound"].check(key, value)
+            if f.metadata.get("device") and not _DEVICE.fullmatch(str(value)):
+                raise ParamsError(f"`{key}` = {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Section):
     """``data:`` — where images come from and how they are preprocessed (the study's protocol)."""
+
+    SECTION = "data"
 
     source: DataSource = "sample"  # sample (offline, skimage photos) | folder | div2k
     train_dir: str | None = None  # folder source: training (+ validation) images
     test_dir: str | tuple[str, ...] | None = None  # folder source: optional separate test set(s)
     root: str = "data/raw"  # div2k source: where archives are downloaded and extracted
     base_url: str = "https://data.vision.ee.ethz.ch/cvl/DIV2K/"
-    val_fraction: float = 0.2  # of the training images (DIV2K: 160 of 800)
-    test_fraction: float = 0.15  # only when there is no separate test set
-    resize: int = 256  # bicubic resize of the whole image, as published
-    crop: int = 224  # train: random crop + h-flip; val/test: centre crop
-    train_views: int = 4  # cached augmented views per training image
-    max_images: int | None = None  # cap on source images (quick experiments, tests)
-    sample_crops: int = 6  # sample source: crops taken from each photograph
+    val_fraction: float = bounded(0.2, 0.0, 1.0, high_open=True)  # of the training images (DIV2K: 160 of 800)
+    test_fraction: float = bounded(0.15, 0.0, 1.0, high_open=True)  # only when there is no separate test set
+    resize: int = bounded(256, 1)  # bicubic resize of the whole image, as published
+    crop: int = bounded(224, 1)  # train: random crop + h-flip; val/test: centre crop
+    train_views: int = bounded(4, 1)  # cached augmented views per training image
+    max_images: int | None = bounded(None, 1)  # cap on source images (quick experiments, tests)
+    sample_crops: int = bounded(6, 1)  # sample source: crops taken from each photograph
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop > self.resize:
+            raise ParamsError(f"`data.crop` = {self.crop} must not exceed `data.resize` = {self.resize} "
+                              "(images are resized to data.resize² before cropping)")
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(_Section):
     """``extract:`` — how encoder activations are computed and stored."""
 
-    weights: Weights = "random"  # random (seeded) | imagenet | path to a state dict
-    weights_seed: int = 0  # seed of the random initialisation
-    device: str = "auto"  # auto (cuda → mps → cpu) | cpu | cuda | cuda:N | mps
-    batch_size: int = 16
-    codec: str = "zstd"  # blosc codec for the feature chunks: zstd | lz4 | none
-    clevel: int = 1
-    chunk_samples: int = 1  # samples per Zarr chunk
+    SECTION = "extract"
+
+    weights: Weights = "random"  # random (seeded) | imagenet | path, or {tap|timm:model|family: …, default: …}
+    weights_seed: int = bounded(0, 0)  # seed of the random initialisation
+    # The input normalisation: auto = the one each encoder's weights were trained with
+    # (torchvision: ImageNet mean/std; timm: its pretrained_cfg); imagenet = ImageNet's for every encoder.
+    normalisation: Normalisation = "auto"
+    device: str = device_field()  # auto (cuda → mps → cpu) | cpu | cuda | cuda:N | mps
+    batch_size: int = bounded(16, 1)
+    codec: Literal["zstd", "lz4", "none"] = "zstd"  # blosc codec for the feature chunks
+    clevel: int = bounded(1, 0, 9)
+    chunk_samples: int = bounded(1, 1)  # samples per Zarr chunk
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.weights, dict):
+            if "default" not in self.weights:
+                raise ParamsError(f"`extract.weights` is a mapping without a `default` (it has "
+                                  f"{', '.join(self.weights) or 'no keys'}); add `default: random` (or imagenet, or a path)")
+            bad = [k for k, v in self.weights.items() if not isinstance(v, str)]
+            if bad:
+                raise ParamsError(f"`extract.weights.{bad[0]}` = {self.weights[bad[0]]!r} must be random, imagenet "
+                                  "or the path of a state dict")
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     """``train.loss:`` — weights of the reconstruction loss terms."""
 
-    mse: float = 1.0
-    lpips: float = 0.0  # LPIPS(AlexNet); needs torchvision's pretrained AlexNet
-    l1: float = 0.0
+    SECTION = "train.loss"
+
+    mse: float = bounded(1.0, 0.0)
+    lpips: float = bounded(0.0, 0.0)  # LPIPS(AlexNet); needs torchvision's pretrained AlexNet
+    l1: float = bounded(0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mse + self.lpips + self.l1 <= 0:
+            raise ParamsError("`train.loss`: mse, lpips and l1 are all 0, so nothing would be trained; "
+                              "set at least one > 0 (e.g. mse: 1.0)")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """``train:`` — decoder optimisation (defaults: a correct, fast recipe; see presets for the paper's)."""
 
-    epochs: int = 30
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    SECTION = "train"
+
+    epochs: int = bounded(30, 1)
+    batch_size: int = bounded(4, 1)
+    lr: float = bounded(1e-4, 0.0, low_open=True)
+    weight_decay: float = bounded(0.0, 0.0)
     scheduler: Literal["plateau", "cosine", "none"] = "plateau"
-    plateau_patience: int = 5  # ReduceLROnPlateau patience (epochs)
-    plateau_factor: float = 0.5
-    early_stop_patience: int = 15  # epochs without val improvement before stopping
-    max_minutes: float | None = None  # wall-clock budget; stops after the epoch that crosses it
-    device: str = "auto"
-    seed: int = 42
+    plateau_patience: int = bounded(5, 0)  # ReduceLROnPlateau patience (epochs)
+    plateau_factor: float = bounded(0.5, 0.0, 1.0, low_open=True, high_open=True)
+    early_stop_patience: int = bounded(15, 1)  # epochs without val improvement before stopping
+    max_minutes: float | None = bounded(None, 0.0, low_open=True)  # wall-clock budget; stops after the epoch that crosses it
+    device: str = device_field()
+    seed: int = bounded(42, 0)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    ram_cache_gb: float = 4.0  # load a split's features into RAM when it fits this budget
-    samples_per_epoch: int | None = None  # samples per epoch: a seeded subset, or several passes (None = one pass)
-    feature_crop: int | None = None  # train on random h×w feature crops (fully convolutional decoders)
+    ram_cache_gb: float = bounded(4.0, 0.0)  # load a split's features into RAM when it fits this budget
+    samples_per_epoch: int | None = bounded(None, 1)  # per epoch: a seeded subset, or several passes (None = one pass)
+    feature_crop: int | None = bounded(None, 1)  # train on random h×w feature crops (fully convolutional decoders)
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """``evaluate:`` — test-split metrics and figures."""
 
+    SECTION = "evaluate"
+
     refine: int = 0  # feature-matching refinement steps (0 = decoder only)
-    refine_lr: float = 0.01  # Adam's step on pixels (L-BFGS's steps come from its line search)
-    refine_tv: float = 0.0
+    refine_lr: float = bounded(0.01, 0.0, low_open=True)  # Adam's step on pixels (L-BFGS's steps: its line search)
+    refine_tv: float = bounded(0.0, 0.0)
     refine_optimizer: RefineOptimizer = "adam"
     refine_smooth: int = 1  # optimise the correction on a grid this many times coarser (1 = per pixel)
     refine_samples: int = 1  # average this many refinements, each from a noisy start (posterior-mean estimate)
@@ -113,10 +213,11 @@ class EvaluateConfig:
     refine_seed: int = 0  # seeds the start noise
     refine_backproject: int = 0  # decoder back-projection iterations after matching (0 = none)
     refine_backproject_step: float = 1.0  # each back-projection iteration's step
-    grid_images: int = 6
-    device: str = "auto"
+    grid_images: int = bounded(6, 1)
+    device: str = device_field()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.refine < 0:
             raise ParamsError(f"`evaluate.refine` = {self.refine} must be ≥ 0 (0 = decoder only)")
         check_refine_settings(self.refine_optimizer, self.refine_smooth, self.refine_samples, self.refine_noise,
@@ -150,8 +251,10 @@ def check_refine_settings(optimizer: str, smooth: int, samples: int, noise: floa
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(_Section):
     """``study:`` — the grid the ``featinv study`` command runs."""
+
+    SECTION = "study"
 
     taps: tuple[str, ...] = ()
     decoders: tuple[str, ...] = ("transposed_conv", "frequency_aware", "wavelet", "attention")
@@ -162,8 +265,8 @@ class StudyConfig:
         "vit_small/block1",
         "pvt_v2_b2/stage1",
     )
-    epochs: int = 3  # per run: the study trains 44 runs, so each gets a short budget
-    samples_per_epoch: int | None = None  # per run, a seeded random subset of the training views
+    epochs: int = bounded(3, 1)  # per run: the study trains 44 runs, so each gets a short budget
+    samples_per_epoch: int | None = bounded(None, 1)  # per run, a seeded random subset of the training views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +361,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 return _coerce(option, value, path)
             except ParamsError as exc:
                 errors.append(str(exc))
-        raise ParamsError(errors[0] if len(errors) == 1 else f"`{path}`: invalid value {value!r}")
+        # The option of the value's own kind explains best (a mapping with a bad entry: that entry).
+        specific = [e for e in errors if not e.startswith(f"`{path}` must be a")]
+        if len(errors) == 1 or len(specific) == 1:
+            raise ParamsError(errors[0] if len(errors) == 1 else specific[0])
+        raise ParamsError(f"`{path}`: invalid value {value!r}")
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -266,6 +373,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 f"`{path}` = {value!r} is not valid; choices: {', '.join(map(str, choices))}"
             )
         return value
+    if origin is dict:
+        key_hint, value_hint = get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"`{path}` must be a mapping, got {value!r}")
+        return {_coerce(key_hint, k, path): _coerce(value_hint, v, _join(path, str(k))) for k, v in value.items()}
     if origin is tuple:
         (item_hint, _ellipsis) = get_args(hint)
         if not isinstance(value, (list, tuple)):

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["console", "setup_logging", "progress_bar"]
+__all__ = ["console", "setup_logging", "progress_bar", "print_error"]
 
 console = Console(stderr=True)
 
@@ -38,3 +39,13 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def print_error(message: object) -> None:
+    """Print an error as exactly one line on stderr, however narrow or non-interactive it is.
+
+    Rich would wrap at 80 columns when stderr is not a terminal (CI logs, ``2>err.txt``), and read
+    ``[...]`` in a message (``features[:5]``) as markup; the line is neither wrapped nor marked up.
+    """
+    line = " ".join(str(message).split())
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ With ``refine > 0`` the decoder's output is then refined by feature matching
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -19,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from featinv.config import EvaluateConfig
+from featinv.config import Config, EvaluateConfig
 from featinv.device import resolve_device
-from featinv.errors import StoreMismatchError
+from featinv.errors import CheckpointError, StorageError, StoreMismatchError
 from featinv.feature_store import FeatureStore, store_path
 from featinv.image_store import ImageStore
 from featinv.loader import FeatureBatches
 from featinv.metrics import LpipsMetric, image_metrics, summarize
-from featinv.model import load_checkpoint
+from featinv.model import check_checkpoint, load_checkpoint
 from featinv.render import comparison_rows, save_png, side_by_side
 
 __all__ = ["evaluate_run", "predict_split", "write_json"]
@@ -42,19 +43,35 @@ def evaluate_run(
     metrics_json: str | Path,
     per_image_csv: str | Path,
     grid_png: str | Path,
+    run_config: Config | None = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the test split and write its three reports.
+
+    Args:
+        run_config: the params the run should have been trained with; a checkpoint trained with
+            other ``encoder``/``decoder``/``train``/``extract``/``data`` settings is refused
+            (None skips the comparison).
+        strict: refuse a checkpoint whose run did not finish or whose params differ. False (a
+            checkpoint the user named on purpose) evaluates it anyway, with a warning that is
+            recorded in the metrics' ``notes``.
 
     Returns:
         The metrics dict written to ``metrics_json`` (``psnr``/``ssim``/``lpips`` each
         ``{mean, std, min, max}``, or ``lpips: null`` when LPIPS is unavailable).
 
     Raises:
-        CheckpointError: unreadable checkpoint.
+        CheckpointError: unreadable checkpoint; with ``strict``, an unfinished run or other params.
         StoreMismatchError: the stores are not the ones the run was trained on.
     """
     device, fallbacks = resolve_device(cfg.device, "evaluate.device")
     model, meta = load_checkpoint(checkpoint)
+    problems = check_checkpoint(checkpoint, meta, None if run_config is None else dataclasses.asdict(run_config))
+    if problems and strict:
+        raise CheckpointError(f"{'; '.join(problems)}. Re-run training (`dvc repro train`), or name the "
+                              "checkpoint explicitly (`featinv evaluate --checkpoint PATH`) to evaluate it anyway")
+    for problem in problems:
+        log.warning("%s; evaluating it anyway, as asked", problem)
     model.to(device)
     images = ImageStore(images_path)
     stores = _stores_of(meta, features_dir)
@@ -92,14 +109,19 @@ def evaluate_run(
         "refine": refine_info,
         "decode_seconds": decode_seconds,
         "device": str(device),
-        "notes": fallbacks + ([lpips_metric.note] if lpips_metric.note else []) + _store_notes(stores),
+        "notes": problems + fallbacks + ([lpips_metric.note] if lpips_metric.note else []) + _store_notes(stores),
     }
     if refined is not None:
         metrics["decoder_only"] = {"psnr": summarize(r["psnr_decoder"] for r in rows),
                                    "ssim": summarize(r["ssim_decoder"] for r in rows)}
-    write_json(metrics_json, metrics)
-    _write_csv(per_image_csv, ids, rows)
-    _write_grid(grid_png, targets, final, rows, meta, limit=cfg.grid_images)
+    # The metrics JSON last: it is what marks an evaluation as done (DVC reads it).
+    try:
+        _write_csv(per_image_csv, ids, rows)
+        _write_grid(grid_png, targets, final, rows, meta, limit=cfg.grid_images)
+        write_json(metrics_json, metrics)
+    except OSError as exc:
+        raise StorageError(f"{exc.filename or metrics_json}: cannot write the evaluation's reports "
+                           f"({exc.strerror or exc}); free space there or choose another output folder") from None
     log.info("test PSNR %.2f dB, SSIM %.3f over %d images", metrics["psnr"]["mean"], metrics["ssim"]["mean"], len(rows))
     return metrics
 
@@ -124,7 +146,7 @@ def write_json(path: str | Path, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -162,12 +184,15 @@ def _write_csv(path: str | Path, ids: list[str], rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["image", *rows[0].keys()]
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for image_id, row in zip(ids, rows):
-            writer.writerow({"image": image_id, **{k: ("" if v is None else v) for k, v in row.items()}})
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            for image_id, row in zip(ids, rows):
+                writer.writerow({"image": image_id, **{k: ("" if v is None else v) for k, v in row.items()}})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_grid(path, targets, preds, rows, meta, limit: int) -> None:

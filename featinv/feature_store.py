@@ -33,7 +33,7 @@ import torch
 
 from featinv.config import ExtractConfig
 from featinv.device import resolve_device
-from featinv.errors import FeatinvError, StoreIncompleteError, StoreMismatchError
+from featinv.errors import FeatinvError, StorageError, StoreIncompleteError, StoreMismatchError
 from featinv.image_store import ImageStore
 from featinv.sources import SPLITS
 from featinv.taps import TapSpec, build_encoder, resolve_tap, weights_id
@@ -103,6 +103,12 @@ class FeatureStore:
         self.attrs = dict(self.group.attrs)
         if self.attrs.get("featinv") != "features" or not self.attrs.get("complete"):
             raise StoreIncompleteError(f"{self.path}: not a complete featinv feature store")
+        short = _short_splits(self.group, self.attrs)
+        if short:
+            raise StoreIncompleteError(
+                f"{self.path}: {'; '.join(short)}, so the store is incomplete; re-extract it "
+                "(delete it, then `dvc repro extract@<tap>` or `featinv extract`)"
+            )
         if expected is not None:
             differences = _differences(self.attrs["fingerprint_parts"], expected)
             if differences:
@@ -203,9 +209,20 @@ def extract_features(
                 if progress:
                     progress(done, total)
         writer.close()
+    except OSError as exc:  # disk full, permission denied, read-only filesystem
+        writer.close(raise_errors=False)
+        raise StorageError(
+            f"{partial}: cannot write the feature store ({exc.strerror or exc}); free space there or point "
+            "--out elsewhere, then re-run: the samples already written are kept and resumed"
+        ) from None
     except BaseException:
         writer.close(raise_errors=False)
         raise
+    # Commit only what is verifiably whole: every split written up to its sample count.
+    short = _short_splits(group, {"written": progress_done, "image_ids": {s: image_store.ids(s) for s in splits}})
+    if short:
+        raise StoreIncompleteError(f"{partial}: {'; '.join(short)}; not committing it (internal error: "
+                                   "extraction ended early)")
     group.attrs.update(
         {
             "featinv": "features",
@@ -286,6 +303,18 @@ class _Writer:
         self.thread.join()
         if raise_errors and self.error is not None:
             raise self.error
+
+
+def _short_splits(group, attrs: dict) -> list[str]:
+    """``split 'train' has 12 samples written of 96`` for every split not fully written."""
+    written = attrs.get("written")
+    problems = []
+    for split, ids in (attrs.get("image_ids") or {}).items():
+        n_stored = int(group[split].shape[0]) if split in group else 0
+        n_written = n_stored if written is None else int(written.get(split, 0))
+        if n_stored != len(ids) or n_written != len(ids):
+            problems.append(f"split {split!r} has {n_written} samples written of {len(ids)}")
+    return problems
 
 
 def _matches(path: Path, parts: dict) -> bool:

@@ -20,10 +20,13 @@ from featinv.decoders import build_decoder, count_parameters
 from featinv.errors import CheckpointError, ParamsError
 from featinv.taps import TapSpec
 
-__all__ = ["Reconstructor", "build_reconstructor", "save_checkpoint", "load_checkpoint", "ENSEMBLE"]
+__all__ = ["Reconstructor", "build_reconstructor", "save_checkpoint", "load_checkpoint", "check_checkpoint",
+           "RUN_SETTINGS", "ENSEMBLE"]
 
 ENSEMBLE = "ensemble"
 CHECKPOINT_FORMAT = 1
+# The params that decide what a checkpoint is: a run is only the run params describe when all agree.
+RUN_SETTINGS = ("encoder", "fusion", "decoder", "train", "extract", "data", "seed")
 
 
 class Reconstructor(nn.Module):
@@ -107,6 +110,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model.load_state_dict(payload.pop("state_dict"))
     payload.pop("optimizer", None)
     return model.eval(), payload
+
+
+def check_checkpoint(path: str | Path, meta: dict, expected_config: dict | None = None) -> list[str]:
+    """What is wrong with using this checkpoint as the run ``expected_config`` describes.
+
+    Args:
+        path: the checkpoint (for messages).
+        meta: :func:`load_checkpoint`'s dict.
+        expected_config: ``dataclasses.asdict`` of the current params; None skips that comparison.
+
+    Returns:
+        One line per problem: the run did not finish (killed, or still running), or a setting in
+        :data:`RUN_SETTINGS` differs (``decoder: checkpoint has 'transposed_conv', params say 'wavelet'``).
+        Empty when the checkpoint is the finished run the params describe.
+    """
+    problems = []
+    if not meta.get("finished", "train_result" in meta):  # checkpoints before `finished` had train_result at the end
+        problems.append(f"{path} is from a training run that did not finish (it stopped after epoch "
+                        f"{meta.get('epoch', '?')}: killed, or still running)")
+    if expected_config is not None:
+        trained = meta.get("config") or {}
+        differences = _differences({k: trained.get(k) for k in RUN_SETTINGS},
+                                   {k: expected_config.get(k) for k in RUN_SETTINGS})
+        if differences:
+            problems.append(f"{path} was trained with other params: {'; '.join(differences[:4])}"
+                            f"{f' (+{len(differences) - 4} more)' if len(differences) > 4 else ''}")
+    return problems
+
+
+def _differences(actual: Any, expected: Any, key: str = "") -> list[str]:
+    """``key: checkpoint has A, params say B`` for every leaf that differs."""
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        return [d for k in sorted(set(actual) | set(expected))
+                for d in _differences(actual.get(k), expected.get(k), f"{key}.{k}" if key else k)]
+    if isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
+        actual, expected = list(actual), list(expected)
+    return [] if actual == expected else [f"{key}: checkpoint has {actual!r}, params say {expected!r}"]
 
 
 def spec_dicts(specs: list[TapSpec]) -> list[dict]:

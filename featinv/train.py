@@ -21,14 +21,17 @@ import torch
 from featinv.config import Config
 from featinv.decoders import count_parameters
 from featinv.device import resolve_device
+from featinv.errors import StoreMismatchError
 from featinv.feature_store import FeatureStore, expected_fingerprint, store_path
 from featinv.image_store import ImageStore
 from featinv.loader import FeatureBatches, FeatureCrop
 from featinv.losses import ReconstructionLoss
 from featinv.model import ENSEMBLE, Reconstructor, build_reconstructor, save_checkpoint, spec_dicts
 from featinv.taps import resolve_tap
+from featinv.zarr_utils import remove_tree
 
-__all__ = ["EpochLogger", "TrainResult", "train_decoder", "run_taps", "open_feature_stores", "decoder_inputs"]
+__all__ = ["EpochLogger", "TrainResult", "train_decoder", "run_taps", "open_feature_stores", "decoder_inputs",
+           "check_image_store"]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,22 @@ def open_feature_stores(cfg: Config, images: ImageStore, features_dir: str | Pat
     for tap in run_taps(cfg):
         spec = resolve_tap(tap)
         expected = expected_fingerprint(spec, cfg.extract.weights, cfg.extract.weights_seed, images.fingerprint)
-        stores.append(FeatureStore(store_path(features_dir, tap), expected=expected))
+        store = FeatureStore(store_path(features_dir, tap), expected=expected)
+        _check_storage_settings(store, cfg)
+        stores.append(store)
     return stores
+
+
+def _check_storage_settings(store: FeatureStore, cfg: Config) -> None:
+    """The ``extract`` params outside the fingerprint (how values are stored) must agree too."""
+    built = store.attrs.get("codec", {})
+    wanted = {"name": cfg.extract.codec, "clevel": cfg.extract.clevel, "chunk_samples": cfg.extract.chunk_samples}
+    keys = {"name": "extract.codec", "clevel": "extract.clevel", "chunk_samples": "extract.chunk_samples"}
+    differences = [f"{keys[k]}: store built with {built.get(k)!r}, params say {v!r}"
+                   for k, v in wanted.items() if built.get(k) != v]
+    if differences:
+        raise StoreMismatchError(f"{store.path} was extracted with other settings: {'; '.join(differences)}. "
+                                 "Re-extract it (`dvc repro extract@<tap>` or `featinv extract`), or restore the params")
 
 
 def train_decoder(
@@ -103,6 +120,7 @@ def train_decoder(
     tc = cfg.train
     out_dir = Path(out_dir)
     images = ImageStore(images_path)
+    check_image_store(cfg, images)
     stores = open_feature_stores(cfg, images, features_dir)
     device, fallbacks = resolve_device(tc.device, "train.device")
     criterion = ReconstructionLoss(tc.loss).to(device)
@@ -137,7 +155,12 @@ def train_decoder(
         "crop": images.crop,
         "config": dataclasses.asdict(cfg),
         "extract": dataclasses.asdict(cfg.extract),
+        "finished": False,  # set once the run ends normally; evaluation refuses an unfinished run
     }
+    # A previous run's checkpoints must not survive into this one: killed before its first
+    # epoch, this run would otherwise leave them looking like its own result.
+    for stale in ("best.pt", "last.pt"):
+        remove_tree(out_dir / stale)
     best_loss, best_epoch, stale, steps = math.inf, 0, 0, 0
     stopped = "epochs"
     start = time.perf_counter()
@@ -196,9 +219,36 @@ def train_decoder(
     seconds = time.perf_counter() - start
     result = TrainResult(out_dir / "best.pt", out_dir / "last.pt", best_epoch, best_loss, epoch, stopped,
                          seconds, steps, n_params, str(device), fallbacks)
-    # Record the run summary in the best checkpoint too, so evaluation can report it.
-    _annotate(out_dir / "best.pt", {"train_result": result.to_dict()})
+    # Record the run summary in both checkpoints, and only now mark them finished.
+    for path in (out_dir / "best.pt", out_dir / "last.pt"):
+        _annotate(path, {"train_result": result.to_dict(), "finished": True})
     return result
+
+
+def check_image_store(cfg: Config, images: ImageStore) -> None:
+    """Refuse an image store built with other ``data`` params or seed than ``cfg``'s.
+
+    Raises:
+        StoreMismatchError: naming each differing setting (``data.resize: image store built with
+            256, params say 288``) and the fix.
+    """
+    built = images.attrs.get("data")
+    wanted = dataclasses.asdict(cfg.data)
+    if built is None:  # a store from before the data params were recorded: compare what it kept
+        built = {k: v for k, v in {"source": images.attrs.get("source"),
+                                   **images.attrs.get("preprocessing", {})}.items() if k in wanted}
+    built = {**built, "seed": images.attrs.get("seed")}
+    wanted = {**{k: wanted[k] for k in built if k in wanted}, "seed": cfg.seed}
+    differences = [f"{'seed' if k == 'seed' else f'data.{k}'}: image store built with {_plain(built[k])}, "
+                   f"params say {_plain(wanted[k])}" for k in wanted if _plain(built[k]) != _plain(wanted[k])]
+    if differences:
+        raise StoreMismatchError(f"{images.path} was prepared with other settings: {'; '.join(differences)}. "
+                                 "Re-run `dvc repro prepare` (or `featinv prepare`) and re-extract, or restore the params")
+
+
+def _plain(value):
+    """Lists and tuples compare equal (JSON attrs hold lists)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def decoder_inputs(feats: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from featinv.config import Config, load_params, with_overrides
-from featinv.console import console, setup_logging
+from featinv.console import print_error, setup_logging
 from featinv.errors import FeatinvError
 
 PARAMS_FILE = "params.yaml"
@@ -32,5 +32,5 @@ def run(main: Callable[[], None]) -> None:
     try:
         main()
     except FeatinvError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(exc)
         sys.exit(1)

@@ -15,7 +15,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = config(args)
     evaluate_run(args.checkpoint, args.images, args.features, cfg.evaluate,
-                 args.metrics, args.per_image, args.grid)
+                 args.metrics, args.per_image, args.grid, run_config=cfg)
 
 
 if __name__ == "__main__":

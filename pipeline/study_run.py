@@ -24,7 +24,7 @@ def main() -> None:
     result = train_decoder(cfg, args.images, args.features, args.out)
     metrics = Path(args.metrics)
     evaluate_run(result.best_checkpoint, args.images, args.features, cfg.evaluate, metrics,
-                 metrics.with_suffix(".csv"), Path(args.out) / "reconstructions.png")
+                 metrics.with_suffix(".csv"), Path(args.out) / "reconstructions.png", run_config=cfg)
 
 
 if __name__ == "__main__":

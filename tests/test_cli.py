@@ -54,3 +54,18 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
     result = runner.invoke(app, ["train", "--params", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 1 and "params file not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_errors_are_one_unwrapped_line_when_stderr_is_not_a_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  batch_size: 4\n")
+    proc = subprocess.run([sys.executable, "-m", "featinv.cli", "extract", "--params", str(params),
+                           "--tap", "vgg16/block1", "--images", str(tmp_path / "images.zarr"),
+                           "--set", "train.device=" + "a" * 120],
+                          capture_output=True, text=True, env={"COLUMNS": "40", "PATH": ""})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "train.device" in lines[0] and "a" * 120 in lines[0]

@@ -59,3 +59,47 @@ def test_missing_and_malformed_params_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("extract.batch_size=-1", "`extract.batch_size` = -1 must be ≥ 1"),
+        ("extract.batch_size=0", "`extract.batch_size` = 0 must be ≥ 1"),
+        ("extract.chunk_samples=0", "`extract.chunk_samples` = 0 must be ≥ 1"),
+        ("extract.clevel=12", "`extract.clevel` = 12 must be in [0, 9]"),
+        ("extract.codec=gzip", "`extract.codec` = 'gzip' is not valid; choices: zstd, lz4, none"),
+        ("extract.device=gpu", "`extract.device` = 'gpu' is not a device"),
+        ("extract.normalisation=caffe", "choices: auto, imagenet, inception"),
+        ("train.batch_size=0", "`train.batch_size` = 0 must be ≥ 1"),
+        ("train.batch_size=-4", "`train.batch_size` = -4 must be ≥ 1"),
+        ("train.epochs=0", "`train.epochs` = 0 must be ≥ 1"),
+        ("train.epochs=-3", "`train.epochs` = -3 must be ≥ 1"),
+        ("train.lr=-1", "`train.lr` = -1.0 must be > 0"),
+        ("train.plateau_factor=1.5", "`train.plateau_factor` = 1.5 must be in (0, 1)"),
+        ("train.samples_per_epoch=0", "`train.samples_per_epoch` = 0 must be ≥ 1"),
+        ("train.loss.lpips=-0.5", "`train.loss.lpips` = -0.5 must be ≥ 0"),
+        ("train.loss.mse=0", "nothing would be trained"),
+        ("data.train_views=0", "`data.train_views` = 0 must be ≥ 1"),
+        ("data.resize=0", "`data.resize` = 0 must be ≥ 1"),
+        ("data.resize=200", "`data.crop` = 224 must not exceed `data.resize` = 200"),
+        ("data.val_fraction=-0.5", "`data.val_fraction` = -0.5 must be in [0, 1)"),
+        ("data.test_fraction=1", "`data.test_fraction` = 1.0 must be in [0, 1)"),
+        ("study.epochs=0", "`study.epochs` = 0 must be ≥ 1"),
+        ("evaluate.grid_images=0", "`evaluate.grid_images` = 0 must be ≥ 1"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_key_value_and_range(override, message):
+    with pytest.raises(ParamsError) as info:
+        with_overrides(Config(), [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_may_be_one_value_or_a_mapping_with_a_default():
+    assert with_overrides(Config(), ["extract.weights=imagenet"]).extract.weights == "imagenet"
+    cfg = with_overrides(Config(), ["extract.weights={vgg16: w.pth, 'timm:tf_efficientnet_lite0': l.pth, default: random}"])
+    assert cfg.extract.weights == {"vgg16": "w.pth", "timm:tf_efficientnet_lite0": "l.pth", "default": "random"}
+    with pytest.raises(ParamsError, match="mapping without a `default`.*vgg16"):
+        with_overrides(Config(), ["extract.weights={vgg16: w.pth}"])
+    with pytest.raises(ParamsError, match="extract.weights.vgg16"):
+        with_overrides(Config(), ["extract.weights={vgg16: 3, default: random}"])

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from featinv.config import EvaluateConfig
+from featinv.errors import CheckpointError
 from featinv.evaluate import evaluate_run
 from featinv.train import train_decoder
 
@@ -81,3 +82,48 @@ def test_reconstruct_command_takes_a_users_jpeg_and_png_and_writes_the_compariso
                                       "-o", str(refused), "--refine", "2", "--refine-samples", "3"])
     assert result.exit_code == 1 and "refine_noise" in result.output and "Traceback" not in result.output
     assert not refused.exists()
+
+
+def _paths(tmp_path):
+    return tmp_path / "eval.json", tmp_path / "per_image.csv", tmp_path / "grid.png"
+
+
+def test_evaluate_refuses_a_checkpoint_trained_with_other_params(tiny_config, tiny_images, tiny_features, tmp_path):
+    import dataclasses
+
+    run = train_decoder(tiny_config, tiny_images, tiny_features, tmp_path / "run").best_checkpoint
+    wavelet = dataclasses.replace(tiny_config, decoder="wavelet")
+    with pytest.raises(CheckpointError, match="decoder: checkpoint has 'transposed_conv', params say 'wavelet'"):
+        evaluate_run(run, tiny_images, tiny_features, tiny_config.evaluate, *_paths(tmp_path), run_config=wavelet)
+    assert not (tmp_path / "eval.json").exists()
+    # Named on purpose: evaluated, and the metrics say what differs.
+    metrics = evaluate_run(run, tiny_images, tiny_features, tiny_config.evaluate, *_paths(tmp_path),
+                           run_config=wavelet, strict=False)
+    assert any("params say 'wavelet'" in note for note in metrics["notes"])
+    assert evaluate_run(run, tiny_images, tiny_features, tiny_config.evaluate, *_paths(tmp_path),
+                        run_config=tiny_config)["decoder"] == "transposed_conv"
+
+
+def test_evaluate_refuses_an_unfinished_run(tiny_config, tiny_images, tiny_features, tmp_path):
+    import torch
+
+    run = train_decoder(tiny_config, tiny_images, tiny_features, tmp_path / "run").best_checkpoint
+    payload = torch.load(run, weights_only=False)
+    payload.update(finished=False, epoch=1)
+    payload.pop("train_result")
+    torch.save(payload, run)  # what a run killed after its first epoch leaves
+    with pytest.raises(CheckpointError, match="did not finish .*epoch 1"):
+        evaluate_run(run, tiny_images, tiny_features, tiny_config.evaluate, *_paths(tmp_path), run_config=tiny_config)
+    metrics = evaluate_run(run, tiny_images, tiny_features, tiny_config.evaluate, *_paths(tmp_path),
+                           run_config=tiny_config, strict=False)
+    assert any("did not finish" in note for note in metrics["notes"])
+
+
+def test_ids_that_are_not_ascii_reach_the_csv(trained, tiny_images, tiny_features, tmp_path, monkeypatch):
+    from featinv.image_store import ImageStore
+
+    monkeypatch.setattr(ImageStore, "ids", lambda self, split: [f"café_{i}" for i in range(self.count(split))])
+    paths = _paths(tmp_path)
+    evaluate_run(trained, tiny_images, tiny_features, EvaluateConfig(device="cpu", grid_images=2), *paths)
+    assert "café_0" in paths[1].read_text(encoding="utf-8")
+    assert not list(tmp_path.glob("*.tmp"))

@@ -74,3 +74,41 @@ def test_killed_extraction_resumes_to_an_identical_store(tiny_images, tmp_path, 
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreIncompleteError, match="dvc repro"):
         FeatureStore(tmp_path / "nothing.zarr")
+
+
+def test_a_store_with_a_split_not_fully_written_is_refused_and_re_extracted(tiny_images, tmp_path):
+    from featinv.zarr_utils import open_group
+
+    out = tmp_path / "short.zarr"
+    extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
+    group = open_group(out, mode="r+")
+    group.attrs.update({"written": {"train": 0, "val": 2, "test": 2}})  # what batch_size=-1 used to commit
+    with pytest.raises(StoreIncompleteError, match="split 'train' has 0 samples written of 12"):
+        FeatureStore(out)
+    report = extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
+    assert not report.reused and report.computed == 16
+    FeatureStore(out)
+
+
+def test_disk_full_during_extraction_is_one_clear_error_and_resumable(tiny_images, tmp_path, monkeypatch):
+    import errno
+
+    from featinv.errors import StorageError
+
+    out = tmp_path / "full.zarr"
+    real_put = fs._Writer.put
+    calls = {"n": 0}
+
+    def full_disk(self, split, array, begin, end, feats):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(self, split, array, begin, end, feats)
+
+    monkeypatch.setattr(fs._Writer, "put", full_disk)
+    with pytest.raises(StorageError, match=r"full\.zarr\.partial: cannot write the feature store \(No space left"):
+        extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
+    assert not out.exists()
+    monkeypatch.setattr(fs._Writer, "put", real_put)
+    report = extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
+    assert report.computed == 16 - 8  # the two batches written before the disk filled are kept

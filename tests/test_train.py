@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import featinv.taps
+import featinv.train
 from featinv.config import LossConfig
 from featinv.errors import StoreMismatchError, WeightsUnavailableError
 from featinv.feature_store import FeatureStore, store_path
@@ -158,3 +159,60 @@ def test_ensembles_train_from_the_cached_stores_only(tiny_config, tiny_images, t
     model, meta = load_checkpoint(result.best_checkpoint)
     assert [t["name"] for t in meta["taps"]] == shallow and meta["fusion"] == "attention"
     assert model.fusion is not None
+
+
+def test_a_run_killed_before_its_first_epoch_leaves_no_previous_checkpoint(tiny_config, tiny_images, tiny_features,
+                                                                            tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_decoder(tiny_config, tiny_images, tiny_features, out)
+    assert (out / "best.pt").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill during the first epoch looks like from inside
+
+    monkeypatch.setattr(featinv.train, "_validate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(dataclasses.replace(tiny_config, decoder="wavelet"), tiny_images, tiny_features, out)
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_checkpoints_say_whether_their_run_finished(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_validate = featinv.train._validate
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(featinv.train, "_validate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(tiny_config, tiny_images, tiny_features, out)
+    _, meta = load_checkpoint(out / "best.pt")
+    assert meta["finished"] is False and "train_result" not in meta
+    monkeypatch.setattr(featinv.train, "_validate", real_validate)
+    train_decoder(tiny_config, tiny_images, tiny_features, out)
+    for name in ("best.pt", "last.pt"):
+        _, meta = load_checkpoint(out / name)
+        assert meta["finished"] is True and meta["train_result"]["epochs_run"] == 2
+
+
+def test_train_refuses_an_image_store_prepared_with_other_data_params(tiny_config, tiny_images, tiny_features,
+                                                                      tmp_path):
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, resize=288))
+    with pytest.raises(StoreMismatchError, match="data.resize: image store built with 256, params say 288"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(StoreMismatchError, match="seed: image store built with 42, params say 7"):
+        train_decoder(dataclasses.replace(tiny_config, seed=7), tiny_images, tiny_features, tmp_path / "run")
+
+
+def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, tiny_images, tiny_features, tmp_path):
+    cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, codec="lz4"))
+    with pytest.raises(StoreMismatchError, match="extract.codec: store built with 'zstd', params say 'lz4'"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=3))
+    with pytest.raises(StoreMismatchError, match="weights"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
