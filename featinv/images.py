@@ -7,10 +7,18 @@ rotated — becomes an (H, W, 3) uint8 RGB array; what cannot be read raises
 Preprocessing is the published study's: resize the whole image to 256×256
 (bicubic), then a centre crop of 224 (val/test) or a random crop of 224 with a
 horizontal flip at p=0.5 (train).
+
+Because every image is resized to ``data.resize``² before cropping, the only
+size limit is :data:`MIN_SIDE` (32 pixels on the shorter side): anything
+smaller is an icon, and resizing it to 256² would be almost pure
+interpolation.  Images between that and ``data.resize`` are upsampled, which
+:func:`featinv.image_store.prepare_images` counts and reports once.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import zlib
 from pathlib import Path
 
@@ -21,6 +29,8 @@ from featinv.errors import BadImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MIN_SIDE",
+    "display_path",
     "is_image_path",
     "read_rgb",
     "to_rgb_uint8",
@@ -32,10 +42,26 @@ __all__ = [
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"})
 
+# Shorter side, in pixels, below which a source image is refused.  Not the crop
+# size: images are resized to data.resize² (aspect not kept) before cropping, so
+# a 200×300 photo is fine; but below 32 pixels an image is an icon and the
+# resized version would be nearly all interpolation.
+MIN_SIDE = 32
+
+_BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
+
 
 def is_image_path(path: Path) -> bool:
     """Whether ``path`` has an image file suffix featinv reads."""
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` printable as UTF-8: undecodable filename bytes shown as ``\\xe9``.
+
+    Python keeps such bytes as lone surrogates, which crash a UTF-8 terminal or log file.
+    """
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def read_rgb(path: str | Path, min_side: int = 0) -> np.ndarray:
@@ -43,27 +69,43 @@ def read_rgb(path: str | Path, min_side: int = 0) -> np.ndarray:
 
     Args:
         path: the image file.
-        min_side: reject images whose shorter side is below this many pixels.
+        min_side: reject images whose shorter side is below this many pixels
+            (sources pass :data:`MIN_SIDE`; 0 accepts any size).
 
     Raises:
-        BadImageError: the file is missing, not an image, truncated/corrupt, or too small.
+        BadImageError: the file is missing, unreadable (permissions), not an
+            image, truncated/corrupt, too large for PIL (decompression-bomb
+            guard) or too small.
     """
     path = Path(path)
+    shown = display_path(path)
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so truncated files fail here and not later
             img = ImageOps.exif_transpose(img)
             rgb = to_rgb_uint8(img)
     except FileNotFoundError:
-        raise BadImageError(f"{path}: file not found") from None
+        raise BadImageError(f"{shown}: file not found") from None
+    except PermissionError:
+        raise BadImageError(f"{shown}: permission denied; check the file's permissions") from None
+    except Image.DecompressionBombError as exc:
+        # PIL refuses before decoding; the header's pixel count is only in its message.
+        found = _BOMB_PIXELS_RE.search(str(exc))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise BadImageError(
+            f"{shown}: image header claims {pixels}, over PIL's decompression-bomb limit of "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} (2 × PIL.Image.MAX_IMAGE_PIXELS); "
+            "too large to be a study image (all are resized to data.resize²): downscale it or remove it"
+        ) from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{path}: not an image file (or an unsupported format)") from None
+        raise BadImageError(f"{shown}: not an image file (or an unsupported format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise BadImageError(f"{path}: cannot decode image ({exc}); is the file corrupt?") from None
+        raise BadImageError(f"{shown}: cannot decode image ({exc}); is the file corrupt?") from None
     height, width = rgb.shape[:2]
     if min(height, width) < min_side:
         raise BadImageError(
-            f"{path}: image is {width}×{height}, smaller than the {min_side}-pixel crop; "
+            f"{shown}: image is {width}×{height}, shorter side below the {min_side}-pixel minimum "
+            "(smaller images are icons: resizing them to data.resize² is pure interpolation); "
             "remove it or use larger images"
         )
     return rgb
