@@ -8,22 +8,31 @@ seeded and reproducible:
   network), each cut into non-overlapping square tiles so train and test never
   share pixels.
 - ``folder`` — any directory of images (``data.train_dir``, optional ``data.test_dir``).
+  An image's id is its path relative to the folder without the suffix
+  (``sub/0001``).  Ids are valid UTF-8 (undecodable filename bytes are
+  percent-escaped, ``caf%E9``) and distinct even case-insensitively: files whose
+  ids would clash (``copy.png`` / ``copy.jpg``) keep their suffix, and if that
+  still clashes (``copy.PNG`` / ``copy.png``) a hash of the raw name is appended.
 - ``div2k`` — the official DIV2K archives: 640 train / 160 val from
   DIV2K_train_HR (seed 42), the 100 DIV2K_valid_HR images as test.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import logging
+import os
+import unicodedata
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from featinv.config import DataConfig
 from featinv.errors import DataSourceError, ParamsError
-from featinv.images import is_image_path, read_rgb
+from featinv.images import MIN_SIDE, display_path, is_image_path, read_rgb
 from featinv.registry import Registry
 
 __all__ = ["SourceImage", "SourcePools", "SOURCES", "collect_images", "split_pool", "SAMPLE_PHOTOS"]
@@ -113,15 +122,25 @@ def _sample(cfg: DataConfig, seed: int) -> SourcePools:
 def _folder(cfg: DataConfig, seed: int) -> SourcePools:
     if not cfg.train_dir:
         raise ParamsError("data.source is 'folder' but `data.train_dir` is not set")
-    pool = _cap(_folder_images(Path(cfg.train_dir), "data.train_dir", cfg.crop), cfg.max_images)
+    train_dir = Path(cfg.train_dir)
+    pool = _cap(_file_images(_folder_images(train_dir, "data.train_dir"), train_dir), cfg.max_images)
     if cfg.test_dir:
-        test_dirs = [cfg.test_dir] if isinstance(cfg.test_dir, str) else list(cfg.test_dir)
-        test = []
-        for test_dir in test_dirs:
-            images = _folder_images(Path(test_dir), "data.test_dir", cfg.crop)
-            if len(test_dirs) > 1:  # ids stay unique across sets: "CSet5/baby"
-                images = [SourceImage(f"{Path(test_dir).name}/{i.id}", i.load) for i in images]
-            test += images
+        test_dirs = [Path(cfg.test_dir)] if isinstance(cfg.test_dir, str) else [Path(d) for d in cfg.test_dir]
+        if len(test_dirs) == 1:
+            test = _file_images(_folder_images(test_dirs[0], "data.test_dir"), test_dirs[0])
+        else:  # ids stay unique across sets: "CSet5/baby"
+            files = {}
+            for test_dir in test_dirs:
+                for path in _folder_images(test_dir, "data.test_dir"):
+                    rel = f"{test_dir.name}/{path.relative_to(test_dir).as_posix()}"
+                    if rel in files:
+                        raise DataSourceError(
+                            f"data.test_dir: {display_path(files[rel])} and {display_path(path)} "
+                            f"would both be {display_path(rel)!r} (test ids are '<folder name>/<file>'); "
+                            "rename one of the folders"
+                        )
+                    files[rel] = path
+            test = [_file_image(path, i) for path, i in zip(files.values(), _assign_ids(list(files)))]
         test = _cap(test, cfg.max_images)
     else:
         pool, test = split_pool(pool, cfg.test_fraction, seed)
@@ -134,8 +153,8 @@ def _div2k(cfg: DataConfig, seed: int) -> SourcePools:
     from featinv.download import fetch_div2k
 
     train_hr, valid_hr = fetch_div2k(Path(cfg.root), base_url=cfg.base_url)
-    pool = _cap([_file_image(p, cfg.crop) for p in train_hr], cfg.max_images)
-    test = _cap([_file_image(p, cfg.crop) for p in valid_hr], cfg.max_images)
+    pool = _cap(_file_images(train_hr), cfg.max_images)
+    test = _cap(_file_images(valid_hr), cfg.max_images)
     train, val = split_pool(pool, cfg.val_fraction, seed)
     return {"train": train, "val": val, "test": test}
 
@@ -143,25 +162,136 @@ def _div2k(cfg: DataConfig, seed: int) -> SourcePools:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _folder_images(folder: Path, param: str, min_side: int) -> list[SourceImage]:
+def _folder_images(folder: Path, param: str) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted); anything unusable raises.
+
+    ``os.walk`` rather than ``Path.rglob``: rglob silently skips directories it
+    may not read, and ``is_file()`` silently drops broken links.  Like rglob, it
+    does not descend into symlinked directories.
+    """
     if not folder.is_dir():
-        raise DataSourceError(f"{folder}: directory not found (param `{param}`)")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if is_image_path(p)]
-    skipped = [p.name for p in files if not is_image_path(p)]
+        raise DataSourceError(f"{display_path(folder)}: directory not found (param `{param}`)")
+
+    def unreadable(exc: OSError) -> None:
+        where = display_path(exc.filename if exc.filename is not None else folder)
+        raise DataSourceError(
+            f"{where}: cannot list this directory ({exc.strerror or exc}; param `{param}`); "
+            f"make it readable (chmod a+rx) or move it out of {display_path(folder)}"
+        )
+
+    found: list[Path] = []
+    for dirpath, _dirnames, names in os.walk(folder, onerror=unreadable):
+        found += [Path(dirpath) / name for name in names if not name.startswith(".")]
+    images, skipped = [], []
+    for path in sorted(found):
+        if not is_image_path(path):
+            skipped.append(display_path(path.name))
+        elif _is_regular_file(path, param):
+            images.append(path)
     if skipped:
-        log.warning("%s: skipping %d non-image file(s): %s", folder, len(skipped), ", ".join(skipped[:5]))
+        log.warning(
+            "%s: skipping %d non-image file(s): %s", display_path(folder), len(skipped), ", ".join(skipped[:5])
+        )
     if not images:
         raise DataSourceError(
-            f"{folder}: no image files found (param `{param}`); "
+            f"{display_path(folder)}: no image files found (param `{param}`); "
             f"expected files ending in .png, .jpg, .jpeg, .bmp, .tif, .webp"
         )
-    return [_file_image(p, min_side, root=folder) for p in images]
+    return images
 
 
-def _file_image(path: Path, min_side: int, root: Path | None = None) -> SourceImage:
-    image_id = path.relative_to(root).with_suffix("").as_posix() if root else path.stem
-    return SourceImage(image_id, lambda: read_rgb(path, min_side=min_side))
+def _is_regular_file(path: Path, param: str) -> bool:
+    """True for a (link to a) regular file; a broken link or a pipe/socket raises, never vanishes."""
+    try:
+        if path.is_file():
+            return True
+        if path.is_symlink():  # is_file() is False: the target is missing or the link loops
+            raise DataSourceError(
+                f"{display_path(path)}: broken symbolic link to {display_path(os.readlink(path))!r} "
+                f"(target missing or a link loop; param `{param}`); fix the link or remove it"
+            )
+    except OSError as exc:  # e.g. a directory with read but no search (x) permission
+        raise DataSourceError(
+            f"{display_path(path)}: cannot read file information ({exc.strerror or exc}; param `{param}`); "
+            "check the permissions of the file and its folder"
+        ) from None
+    raise DataSourceError(
+        f"{display_path(path)}: not a regular file (a pipe, socket or device; param `{param}`); "
+        "remove it or move it out of the folder"
+    )
+
+
+def _file_images(paths: Sequence[Path], root: Path | None = None) -> list[SourceImage]:
+    """Images with ids from their paths relative to ``root`` (the bare names when None)."""
+    rels = [path.relative_to(root).as_posix() if root else path.name for path in paths]
+    return [_file_image(path, image_id) for path, image_id in zip(paths, _assign_ids(rels))]
+
+
+def _file_image(path: Path, image_id: str) -> SourceImage:
+    return SourceImage(image_id, lambda: read_rgb(path, min_side=MIN_SIDE))
+
+
+def _assign_ids(rels: Sequence[str]) -> list[str]:
+    """Ids for distinct relative paths: valid UTF-8, unique even case-insensitively, stable.
+
+    Each path starts at tier 0 (no suffix, the id ordinary names always had, so
+    the augmentation seeds ``view_rng(seed, id, view)`` do not move).  Every
+    member of a group whose ids clash (compared casefolded and NFC-normalised,
+    as case-insensitive or macOS filesystems would) moves up a tier: 1 keeps
+    the suffix, 2 appends a hash of the raw name bytes, which only a hash
+    collision could clash.  Ids depend on the folder's names only, so a re-run
+    gets the same ones.
+    """
+
+    def candidate(rel: str, tier: int) -> str:
+        if tier == 0:
+            return _utf8_id(PurePosixPath(rel).with_suffix("").as_posix())
+        if tier == 1:
+            return _utf8_id(rel)
+        return f"{_utf8_id(rel)}~{hashlib.sha256(os.fsencode(rel)).hexdigest()[:8]}"
+
+    tiers = [0] * len(rels)
+    while True:
+        ids = [candidate(rel, tier) for rel, tier in zip(rels, tiers)]
+        groups = collections.defaultdict(list)
+        for k, image_id in enumerate(ids):
+            groups[_fold(image_id)].append(k)
+        clashing = [k for group in groups.values() if len(group) > 1 for k in group if tiers[k] < 2]
+        if not clashing:
+            break
+        for k in clashing:
+            tiers[k] += 1
+    assert len(groups) == len(ids), f"ids still clash after disambiguation: {sorted(ids)}"
+    return ids
+
+
+def _utf8_id(text: str) -> str:
+    """``text`` if it is valid UTF-8; else its undecodable bytes percent-escaped (``caf%E9``).
+
+    Python holds such bytes as lone surrogates, which cannot be written to CSV/JSON
+    or hashed by ``view_rng``.  In an escaped id a literal ``%`` becomes ``%25``,
+    so the escaping is reversible; names that need none keep their id.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    decoded = os.fsencode(text).decode("utf-8", errors="surrogateescape")
+    out = []
+    for char in decoded:
+        if "\udc80" <= char <= "\udcff":
+            out.append(f"%{ord(char) - 0xDC00:02X}")
+        elif char == "%":
+            out.append("%25")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _fold(image_id: str) -> str:
+    """The form two ids share if a case-insensitive, normalising filesystem would confuse them."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", image_id).casefold())
 
 
 def _constant(rgb: np.ndarray) -> Callable[[], np.ndarray]:
