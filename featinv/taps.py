@@ -12,8 +12,15 @@ Beyond the built-ins, any timm model and named module is a tap:
 ``timm:convnext_tiny/stages.0``; its shape is discovered by a dry forward and
 the forward stops at that module.
 
-Inputs are pixels in [0, 1]; :class:`TapEncoder` applies the ImageNet
-normalisation the study used before the truncated network.
+Inputs are pixels in [0, 1]; :class:`TapEncoder` normalises them before the
+truncated network.  Each family declares the :class:`Normalisation` its weights
+were trained with (torchvision and PVT: ImageNet mean/std; ViT-S augreg and
+e.g. EfficientNet-Lite: mean = std = 0.5, "inception"; ``timm:`` taps: the
+model's ``pretrained_cfg``); ``extract.normalisation`` may override it.
+
+Weights are ``random`` (seeded), ``imagenet`` or the path of a state dict in the
+*full* network's key names, either one setting for all taps or a mapping
+resolved per tap by :func:`weights_for_tap`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -37,11 +44,20 @@ from featinv.registry import Registry
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INCEPTION_MEAN",
+    "INCEPTION_STD",
+    "IMAGENET",
+    "INCEPTION",
+    "NORMALISATION_SETTINGS",
+    "WeightsSetting",
+    "Normalisation",
     "TapSpec",
     "TapEncoder",
     "TAPS",
     "FAMILIES",
     "resolve_tap",
+    "resolve_normalisation",
+    "weights_for_tap",
     "build_encoder",
     "weights_id",
     "list_taps",
@@ -51,10 +67,43 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)  # timm's name for mean = std = 0.5 (augreg ViTs, EfficientNet-Lite)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 INPUT_SIZE = 224
 TIMM_PREFIX = "timm:"
+TIMM_FAMILY = "timm"  # TapSpec.family of every `timm:` tap; also a key of an `extract.weights` mapping
+WEIGHTS_DEFAULT_KEY = "default"
+# "auto" = the normalisation the tap's weights were trained with; the others force one for every tap.
+NORMALISATION_SETTINGS: tuple[str, ...] = ("auto", "imagenet", "inception")
+# State-dict key prefixes a weights file may carry on top of the full network's names: none, the
+# `_HookPrefix` wrapper's (`encoder.network.state_dict()` of a timm tap), DataParallel's.
+_KEY_PREFIXES = ("", "model.", "module.")
 
 TokenLayout = Literal["nchw", "tokens", "nhwc"]
+# "random" | "imagenet" | a path, or a mapping from tap / `timm:<model>` / family / `default` to one.
+WeightsSetting = str | Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation:
+    """Per-channel input normalisation ``(pixels01 - mean) / std`` applied before the network.
+
+    Attributes:
+        name: ``imagenet``, ``inception`` (mean = std = 0.5) or ``custom`` (any other values).
+        mean, std: RGB values.
+    """
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+
+IMAGENET = Normalisation("imagenet", IMAGENET_MEAN, IMAGENET_STD)
+INCEPTION = Normalisation("inception", INCEPTION_MEAN, INCEPTION_STD)
+_NAMED_NORMALISATIONS = {n.name: n for n in (IMAGENET, INCEPTION)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +144,13 @@ class Family:
     """How to build one encoder family truncated at a cut point.
 
     ``build(cut, pretrained)`` returns the truncated module; ``imagenet_tag`` names
-    the pretrained weights the published study used (recorded in outputs).
+    the pretrained weights the published study used (recorded in outputs);
+    ``normalisation`` is the input normalisation those weights were trained with.
     """
 
     build: Callable[[str, bool], nn.Module]
     imagenet_tag: str
+    normalisation: Normalisation
 
 
 TAPS: Registry[TapSpec] = Registry("tap", param="encoder / taps")
@@ -111,17 +162,20 @@ class TapEncoder(nn.Module):
 
     Args:
         spec: the tap's declared contract.
-        network: the truncated network, fed ImageNet-normalised pixels.
+        network: the truncated network, fed normalised pixels.
         weights: the weights id recorded in outputs (see :func:`weights_id`).
+        normalisation: applied to the pixels before ``network`` (see :func:`resolve_normalisation`);
+            exposed as ``encoder.normalisation`` so callers can record it.
     """
 
-    def __init__(self, spec: TapSpec, network: nn.Module, weights: str) -> None:
+    def __init__(self, spec: TapSpec, network: nn.Module, weights: str, normalisation: Normalisation) -> None:
         super().__init__()
         self.spec = spec
         self.network = network
         self.weights = weights
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalisation = normalisation
+        self.register_buffer("mean", torch.tensor(normalisation.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalisation.std).view(1, 3, 1, 1), persistent=False)
         self.eval()
         self.requires_grad_(False)
 
@@ -149,35 +203,122 @@ def list_taps() -> list[TapSpec]:
     return [TAPS.get(n) for n in TAPS.names()]
 
 
+def resolve_normalisation(spec: TapSpec | str, setting: str = "auto") -> Normalisation:
+    """The input normalisation an encoder for ``spec`` applies under ``extract.normalisation``.
+
+    Args:
+        spec: a tap spec or name.
+        setting: ``auto`` (what the tap's weights were trained with: its family's declaration, or
+            a ``timm:`` model's ``pretrained_cfg``), ``imagenet`` or ``inception`` (mean = std = 0.5).
+
+    Returns:
+        The :class:`Normalisation`.
+
+    Raises:
+        ParamsError: ``setting`` is not one of :data:`NORMALISATION_SETTINGS`.
+        UnknownNameError / ParamsError: see :func:`resolve_tap`.
+    """
+    if setting not in NORMALISATION_SETTINGS:
+        raise ParamsError(
+            f"unknown normalisation {setting!r} (param `extract.normalisation`); "
+            f"valid choices: {', '.join(NORMALISATION_SETTINGS)}"
+        )
+    if setting != "auto":
+        return _NAMED_NORMALISATIONS[setting]
+    name = spec.name if isinstance(spec, TapSpec) else spec
+    if name.startswith(TIMM_PREFIX):  # from the model's config: no dry forward to discover the tap's shape
+        return _timm_normalisation(_parse_timm_tap(name)[0])
+    spec = spec if isinstance(spec, TapSpec) else resolve_tap(spec)
+    return FAMILIES.get(spec.family).normalisation
+
+
+def weights_for_tap(weights: WeightsSetting, tap_name: str) -> str:
+    """The weights setting (``random`` | ``imagenet`` | a path) that applies to one tap.
+
+    A string applies to every tap and is returned as is.  A mapping is looked up by the exact tap
+    name, then ``timm:<model>`` (``timm:`` taps), then the family (``vgg16``; ``timm`` for every
+    ``timm:`` tap), then its required ``default`` key, e.g.
+    ``{"vgg16": "../shared/weights/vgg16.pth", "default": "random"}``.
+
+    Args:
+        weights: the ``extract.weights`` setting.
+        tap_name: a tap name (built-in or ``timm:model/module``).
+
+    Returns:
+        The setting for that tap.
+
+    Raises:
+        ParamsError: ``weights`` is neither a string nor a mapping, or the mapping lacks ``default``,
+            has a non-string value or a key that names no tap, family or ``timm:`` model.
+    """
+    if isinstance(weights, str):
+        return weights
+    if not isinstance(weights, Mapping):
+        raise ParamsError(
+            f"param `extract.weights` is {weights!r} ({type(weights).__name__}); expected `random`, `imagenet`, "
+            f"a path, or a mapping from tap / `timm:<model>` / family to one of those with a `{WEIGHTS_DEFAULT_KEY}`"
+        )
+    _check_weights_mapping(weights)
+    for key in _weights_lookup_keys(tap_name):
+        if key in weights:
+            return weights[key]
+    raise AssertionError("unreachable: the mapping was checked to have a default")
+
+
 def build_encoder(
     tap: str | TapSpec,
-    weights: str = "random",
+    weights: WeightsSetting = "random",
     weights_seed: int = 0,
     device: str | torch.device = "cpu",
+    normalisation: str | Normalisation = "auto",
 ) -> TapEncoder:
     """Build the frozen encoder truncated at ``tap``.
 
     Args:
         tap: a tap name or spec.
-        weights: ``random`` (seeded, deterministic), ``imagenet`` (hub or local
-            cache) or the path of a state dict for the *full* network.
-        weights_seed: seed of the random initialisation (also used before loading
-            a state dict, so unmatched buffers are deterministic).
+        weights: ``random`` (seeded, deterministic), ``imagenet`` (hub or local cache), the path
+            of a state dict for the *full* network (plain key names; extra keys such as a
+            classifier are ignored), or a per-tap mapping of those (see :func:`weights_for_tap`).
+        weights_seed: seed of the random initialisation (also used before loading a state dict,
+            so parameters the file does not hold, which the tap never uses, are deterministic).
         device: where to put the encoder.
+        normalisation: an ``extract.normalisation`` setting (see :func:`resolve_normalisation`)
+            or a :class:`Normalisation` (e.g. one recorded in a checkpoint).
+
+    Returns:
+        The :class:`TapEncoder`, frozen and in eval mode.
 
     Raises:
-        WeightsUnavailableError: ``imagenet`` weights cannot be loaded (offline, no
-            cache), or the weights file is missing/incompatible.
+        WeightsUnavailableError: ``imagenet`` weights cannot be loaded (offline, no cache), or
+            the weights file is missing/incompatible.
+        ParamsError: a bad ``weights`` mapping or ``normalisation`` setting.
         UnknownNameError / ParamsError: see :func:`resolve_tap`.
     """
     spec = tap if isinstance(tap, TapSpec) else resolve_tap(tap)
+    weights = weights_for_tap(weights, spec.name)
+    if not isinstance(normalisation, Normalisation):
+        normalisation = resolve_normalisation(spec, normalisation)
+    ident = weights_id(spec, weights, weights_seed)  # first: a missing file fails before any build
     network = _build_network(spec, weights, weights_seed)
-    encoder = TapEncoder(spec, network, weights_id(spec, weights, weights_seed))
-    return encoder.to(device)
+    return TapEncoder(spec, network, ident, normalisation).to(device)
 
 
-def weights_id(spec: TapSpec, weights: str, weights_seed: int) -> str:
-    """A stable identifier of the weights, recorded in stores, checkpoints and metrics."""
+def weights_id(spec: TapSpec, weights: WeightsSetting, weights_seed: int) -> str:
+    """A stable identifier of the tap's weights, recorded in stores, checkpoints and metrics.
+
+    Args:
+        spec: the tap.
+        weights: the ``extract.weights`` setting, a string or a per-tap mapping.
+        weights_seed: seed of the random initialisation.
+
+    Returns:
+        ``random:seed=<n>``, ``imagenet:<tag>`` or ``file:<name>:sha256=<16 hex>``.
+
+    Raises:
+        WeightsUnavailableError: the weights file does not exist.
+        ParamsError: a bad ``weights`` mapping (see :func:`weights_for_tap`).
+    """
+    weights = weights_for_tap(weights, spec.name)
     if weights == "random":
         return f"random:seed={weights_seed}"
     if weights == "imagenet":
@@ -185,7 +326,7 @@ def weights_id(spec: TapSpec, weights: str, weights_seed: int) -> str:
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"weights file {path} does not exist (param `extract.weights`); "
+            f"weights file {path} does not exist (param `extract.weights`, tap {spec.name!r}); "
             "use `random`, `imagenet`, or the path of a state dict"
         )
     return f"file:{path.name}:sha256={_sha256(path)[:16]}"
@@ -194,11 +335,41 @@ def weights_id(spec: TapSpec, weights: str, weights_seed: int) -> str:
 # --------------------------------------------------------------------------- private helpers
 
 
+def _check_weights_mapping(weights: Mapping) -> None:
+    keys = ", ".join(map(str, weights)) or "none"
+    if WEIGHTS_DEFAULT_KEY not in weights:
+        raise ParamsError(
+            f"param `extract.weights`: a per-tap mapping needs a `{WEIGHTS_DEFAULT_KEY}` key for the other taps "
+            f"(e.g. `{WEIGHTS_DEFAULT_KEY}: random`); its keys are: {keys}"
+        )
+    for key, value in weights.items():
+        if not isinstance(value, str):
+            raise ParamsError(
+                f"param `extract.weights.{key}` is {value!r} ({type(value).__name__}); expected `random`, "
+                f"`imagenet` or a path (the mapping's keys are: {keys})"
+            )
+        if not (key == WEIGHTS_DEFAULT_KEY or key == TIMM_FAMILY or key in TAPS or key in FAMILIES
+                or (isinstance(key, str) and key.startswith(TIMM_PREFIX))):
+            # A misspelt key would otherwise silently fall back to `default`.
+            raise ParamsError(
+                f"param `extract.weights`: key {key!r} names no tap, family or timm model; valid keys: a tap "
+                f"({', '.join(TAPS.names())}), `timm:<model>[/<module>]`, a family "
+                f"({', '.join(FAMILIES.names())}, {TIMM_FAMILY}) or `{WEIGHTS_DEFAULT_KEY}`"
+            )
+
+
+def _weights_lookup_keys(tap_name: str) -> list[str]:
+    """Keys of an ``extract.weights`` mapping that may hold a tap's weights, most specific first."""
+    if tap_name.startswith(TIMM_PREFIX):
+        model_name = tap_name[len(TIMM_PREFIX):].split("/", 1)[0]
+        return [tap_name, f"{TIMM_PREFIX}{model_name}", TIMM_FAMILY, WEIGHTS_DEFAULT_KEY]
+    family = TAPS.get(tap_name).family if tap_name in TAPS else tap_name.split("/", 1)[0]
+    return [tap_name, family, WEIGHTS_DEFAULT_KEY]
+
+
 def _build_network(spec: TapSpec, weights: str, weights_seed: int) -> nn.Module:
     family = FAMILIES.get(spec.family) if not spec.name.startswith(TIMM_PREFIX) else None
     pretrained = weights == "imagenet"
-    if weights not in ("random", "imagenet"):
-        weights_id(spec, weights, weights_seed)  # validates that the file exists
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights_seed)
         try:
@@ -213,7 +384,7 @@ def _build_network(spec: TapSpec, weights: str, weights_seed: int) -> nn.Module:
                 raise
             raise WeightsUnavailableError(
                 f"cannot load ImageNet weights for tap {spec.name!r} "
-                f"({_imagenet_tag(spec)}): {type(exc).__name__}: {str(exc)[:200]}. "
+                f"({_imagenet_tag(spec)}): {type(exc).__name__}: {_one_line(str(exc))[:200]}. "
                 "No model hub is reachable and no cached copy was found. Either run once "
                 "with internet (torch hub cache ~/.cache/torch, HF cache ~/.cache/huggingface), "
                 "set `extract.weights` to the path of a downloaded state dict, or use "
@@ -231,22 +402,80 @@ def _looks_like_download_failure(exc: BaseException) -> bool:
 
 
 def _load_state_dict_file(network: nn.Module, path: Path, spec: TapSpec) -> None:
+    """Load a full network's state dict into the truncated ``network``, or fail with one line.
+
+    Built-in families' truncated networks keep the full network's key names; a ``timm:`` tap's
+    :class:`_HookPrefix` loads into its inner timm model, so plain timm names fit.  Keys may carry a
+    prefix from :data:`_KEY_PREFIXES`; keys the tap has no use for (a classifier) are ignored.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsUnavailableError(f"{path}: cannot read weights ({exc})") from exc
+        raise WeightsUnavailableError(f"{path}: cannot read weights ({_one_line(str(exc))[:200]})") from exc
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    own = network.state_dict()
-    # The truncated network keeps the full network's parameter names for the layers it has.
-    matched = {k: v for k, v in state.items() if k in own}
-    missing = sorted(set(own) - set(matched))
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailableError(
+            f"{path}: not a state dict (a mapping from names to tensors) for tap {spec.name!r}"
+        )
+    target, required = _weights_target(network)
+    own = target.state_dict()
+    picked = {}
+    for key in own:
+        found = next((prefix + key for prefix in _KEY_PREFIXES if prefix + key in state), None)
+        if found is not None:
+            picked[key] = state[found]
+    missing = [k for k in own if k in required and k not in picked]
     if missing:
+        sample = ", ".join(list(state)[:3]) or "none"
         raise WeightsUnavailableError(
             f"{path}: weights do not fit tap {spec.name!r}: missing {', '.join(missing[:5])}"
-            f"{' …' if len(missing) > 5 else ''}"
+            f"{' …' if len(missing) > 5 else ''} ({len(missing)} of {len(required)} needed; "
+            f"the file's keys start: {sample})"
         )
-    network.load_state_dict(matched, strict=True)
+    wrong = [k for k, v in picked.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise WeightsUnavailableError(
+            f"{path}: weights do not fit tap {spec.name!r}: {k} has shape {tuple(picked[k].shape)} in the file, "
+            f"{tuple(own[k].shape)} in the network ({len(wrong)} such keys)"
+        )
+    unused = len(own) - len(picked)
+    if unused:  # never on the tap's forward path (checked above), so the output does not depend on them
+        log.debug("%s: %d tensors past tap %s are not in the file; seeded init kept", path, unused, spec.name)
+    target.load_state_dict(picked, strict=False)
+
+
+def _weights_target(network: nn.Module) -> tuple[nn.Module, set[str]]:
+    """The module a weights file loads into, and the state-dict keys the tap's output depends on."""
+    if isinstance(network, _HookPrefix):
+        # The inner timm model is whole (the hook stops its forward), so require only the
+        # parameters and buffers of modules that run before the tap.
+        return network.model, _keys_before_tap(network)
+    return network, set(network.state_dict())
+
+
+def _keys_before_tap(hook_net: _HookPrefix) -> set[str]:
+    ran = {""}  # the root's own tensors (ViT cls_token, pos_embed) are used by forward_features
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _a, name=name: ran.add(name))
+        for name, module in hook_net.model.named_modules()
+        if name
+    ]
+    was_training = hook_net.training
+    try:
+        hook_net.eval()  # no BatchNorm running-stat updates from the probe
+        with torch.no_grad():
+            hook_net.raw(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    finally:
+        for handle in handles:
+            handle.remove()
+        hook_net.train(was_training)
+    return {key for key in hook_net.model.state_dict() if key.rpartition(".")[0] in ran}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _imagenet_tag(spec: TapSpec) -> str:
@@ -463,6 +692,27 @@ def _timm_spec(name: str) -> TapSpec:
     return TapSpec(name, "timm", module_path, int(channels), int(height), int(width), layout)
 
 
+@functools.lru_cache(maxsize=32)
+def _timm_normalisation(model_name: str) -> Normalisation:
+    """A timm model's training normalisation, from its ``pretrained_cfg`` (local, no download)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    values = cfg.to_dict() if cfg is not None else _create_timm(model_name, pretrained=False).pretrained_cfg
+    mean, std = values.get("mean"), values.get("std")
+    if mean is None or std is None:
+        log.warning("timm model %s declares no input normalisation; using ImageNet mean/std", model_name)
+        return IMAGENET
+    return _named_by_value(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def _named_by_value(mean: tuple[float, ...], std: tuple[float, ...]) -> Normalisation:
+    for known in _NAMED_NORMALISATIONS.values():
+        if all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(mean + std, known.mean + known.std)):
+            return known
+    return Normalisation("custom", mean, std)
+
+
 def _infer_4d_layout(model: nn.Module, module_path: str, out: torch.Tensor) -> TokenLayout:
     # Swin-style timm models emit NHWC; feature_info's declared channels disambiguate.
     for info in getattr(model, "feature_info", []) or []:
@@ -475,14 +725,20 @@ def _infer_4d_layout(model: nn.Module, module_path: str, out: torch.Tensor) -> T
 
 # ------------------------------------------------------------------------------ registrations
 
-FAMILIES.add("vgg16", Family(_vgg16, "torchvision/VGG16_Weights.IMAGENET1K_V1"))
-FAMILIES.add("resnet34", Family(_resnet34, "torchvision/ResNet34_Weights.IMAGENET1K_V1"))
-FAMILIES.add("vit_small", Family(_vit_small, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"))
-FAMILIES.add("pvt_v2_b2", Family(_pvt_v2_b2, "timm/pvt_v2_b2.in1k"))
+FAMILIES.add("vgg16", Family(_vgg16, "torchvision/VGG16_Weights.IMAGENET1K_V1", IMAGENET))
+FAMILIES.add("resnet34", Family(_resnet34, "torchvision/ResNet34_Weights.IMAGENET1K_V1", IMAGENET))
+# augreg ViTs were trained on mean = std = 0.5 (timm pretrained_cfg), not ImageNet's statistics.
+FAMILIES.add("vit_small", Family(_vit_small, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k", INCEPTION))
+FAMILIES.add("pvt_v2_b2", Family(_pvt_v2_b2, "timm/pvt_v2_b2.in1k", IMAGENET))
 
+# VGG-16 blocks end after their max-pool (features = 13 × conv+ReLU, a pool after convs 2, 4, 7, 10, 13),
+# as the published tables use: block k = features[:5], [:10], [:17], [:24], [:31].
 for _spec in (
     TapSpec("vgg16/block1", "vgg16", "features[:5]", 64, 112, 112, depth=1),
+    TapSpec("vgg16/block2", "vgg16", "features[:10]", 128, 56, 56, depth=2),
     TapSpec("vgg16/block3", "vgg16", "features[:17]", 256, 28, 28, depth=3),
+    TapSpec("vgg16/block4", "vgg16", "features[:24]", 512, 14, 14, depth=4),
+    TapSpec("vgg16/block5", "vgg16", "features[:31]", 512, 7, 7, depth=5),
     TapSpec("resnet34/layer1", "resnet34", "layer1", 64, 56, 56, depth=1),
     TapSpec("resnet34/layer2", "resnet34", "layer2", 128, 28, 28, depth=2),
     TapSpec("vit_small/block1", "vit_small", "blocks[:1]", 384, 14, 14, "tokens", depth=1),
