@@ -23,7 +23,7 @@ import torch
 from featinv.config import Config, EvaluateConfig
 from featinv.device import resolve_device
 from featinv.errors import CheckpointError, StorageError, StoreMismatchError
-from featinv.feature_store import FeatureStore, store_path
+from featinv.feature_store import FeatureStore, decoder_input_differences, store_path
 from featinv.image_store import ImageStore
 from featinv.loader import FeatureBatches
 from featinv.metrics import LpipsMetric, image_metrics, summarize
@@ -151,15 +151,30 @@ def write_json(path: str | Path, obj: dict) -> None:
 
 
 def _stores_of(meta: dict, features_dir: str | Path) -> list[FeatureStore]:
+    """The run's feature stores in ``features_dir``: any store whose features the decoder can read.
+
+    A decoder depends on the tap, the encoder weights, the input normalisation and the image
+    preprocessing — not on which images a store holds — so a run can be scored on a store of
+    other (held-out) images extracted the same way.
+
+    Raises:
+        StoreMismatchError: a store's features were made differently, naming each differing field.
+    """
     stores = []
     for spec in meta["taps"]:
         store = FeatureStore(store_path(features_dir, spec["name"]))
-        wanted = meta["store_fingerprints"][spec["name"]]
-        if store.attrs["fingerprint"] != wanted:
-            raise StoreMismatchError(
-                f"{store.path} is not the store this run was trained on (fingerprint "
-                f"{store.attrs['fingerprint'][:12]}…, checkpoint expects {wanted[:12]}…); re-run training"
-            )
+        trained = (meta.get("store_fingerprint_parts") or {}).get(spec["name"])
+        if trained is None:  # a checkpoint from before the parts were recorded: only its exact store
+            wanted = meta["store_fingerprints"][spec["name"]]
+            differences = [] if store.attrs["fingerprint"] == wanted else [
+                f"fingerprint {store.attrs['fingerprint'][:12]}…, the run was trained on {wanted[:12]}…"]
+        else:
+            differences = decoder_input_differences(store.attrs["fingerprint_parts"], trained)
+        if differences:
+            raise StoreMismatchError(f"{store.path} holds features the run was not trained on: "
+                                     f"{'; '.join(differences)}; re-extract it with the run's settings, or re-train")
+        if trained is not None and store.attrs["fingerprint_parts"]["images"] != trained["images"]:
+            log.info("%s: evaluating on images other than the run's (same tap, weights and preprocessing)", store.path)
         stores.append(store)
     return stores
 

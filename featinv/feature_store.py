@@ -36,16 +36,22 @@ from featinv.device import resolve_device
 from featinv.errors import FeatinvError, StorageError, StoreIncompleteError, StoreMismatchError
 from featinv.image_store import ImageStore
 from featinv.sources import SPLITS
-from featinv.taps import TapSpec, build_encoder, resolve_tap, weights_id
+from featinv.taps import Normalisation, TapSpec, build_encoder, resolve_normalisation, resolve_tap, weights_for_tap, weights_id
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
-__all__ = ["FeatureStore", "ExtractReport", "extract_features", "expected_fingerprint", "store_path"]
+__all__ = ["FeatureStore", "ExtractReport", "extract_features", "expected_fingerprint", "decoder_input_differences",
+           "encoder_normalisation", "store_path"]
 
 log = logging.getLogger(__name__)
 
 # 2: random VGG-16 weights come from the convolutional trunk alone (different seeded values).
-FORMAT_VERSION = 2
+# 3: each encoder's own input normalisation; the image preprocessing in the fingerprint.
+FORMAT_VERSION = 3
 NUMERIC_PACKAGES = ("torch", "torchvision", "timm")
+# What a decoder's input depends on: a run may be evaluated on any store that agrees on these,
+# whatever images it holds (the fingerprint's "images" and "versions" may differ).
+DECODER_INPUT_PARTS = ("format", "tap", "shape", "weights", "normalisation", "preprocessing")
+PREPROCESSING_KEYS = ("resize", "crop", "interpolation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +73,38 @@ def store_path(features_dir: str | Path, tap: str) -> Path:
     return Path(features_dir) / f"{tap.replace(':', '_')}.zarr"
 
 
-def expected_fingerprint(spec: TapSpec, weights: str, weights_seed: int, images_fingerprint: str) -> dict:
-    """The fingerprint parts a store for these params must carry (no encoder is built)."""
+def expected_fingerprint(spec: TapSpec, cfg: ExtractConfig, images: ImageStore) -> dict:
+    """The fingerprint parts a store of ``spec`` for these params and images must carry (no encoder is built).
+
+    The image store enters twice: its fingerprint (which images, which pixels) and its
+    preprocessing, so a mismatch names the setting (``preprocessing.resize``) and not only a hash.
+
+    Raises:
+        ParamsError / WeightsUnavailableError: a bad ``extract.weights`` or ``extract.normalisation``.
+    """
     return {
         "format": FORMAT_VERSION,
         "tap": spec.name,
         "shape": list(spec.shape),
-        "weights": weights_id(spec, weights, weights_seed),
-        "images": images_fingerprint,
-        "normalisation": "imagenet",
+        "weights": weights_id(spec, cfg.weights, cfg.weights_seed),
+        "normalisation": resolve_normalisation(spec, cfg.normalisation).to_dict(),
+        "images": images.fingerprint,
+        "preprocessing": {k: images.attrs["preprocessing"].get(k) for k in PREPROCESSING_KEYS},
         "versions": {p: importlib.metadata.version(p) for p in NUMERIC_PACKAGES},
     }
+
+
+def encoder_normalisation(recorded: dict | None) -> Normalisation:
+    """The normalisation a store or checkpoint recorded (before format 3, always ImageNet's)."""
+    if recorded is None:
+        return resolve_normalisation(resolve_tap("vgg16/block1"), "imagenet")
+    return Normalisation(recorded["name"], tuple(recorded["mean"]), tuple(recorded["std"]))
+
+
+def decoder_input_differences(store_parts: dict, trained_parts: dict) -> list[str]:
+    """How a store's features differ from those a run was trained on, in what a decoder depends on."""
+    pick = (lambda parts: {k: parts.get(k) for k in DECODER_INPUT_PARTS})
+    return _differences(pick(store_parts), pick(trained_parts), wanted="the run was trained on")
 
 
 class FeatureStore:
@@ -125,6 +152,15 @@ class FeatureStore:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.attrs["tap"][k] for k in ("channels", "height", "width"))
 
+    def build_encoder(self, device: str | torch.device = "cpu"):
+        """The frozen encoder that wrote this store (same tap, weights and normalisation)."""
+        weights = self.attrs.get("weights_setting")
+        if weights is None:
+            raise StoreIncompleteError(f"{self.path}: made before stores recorded their weights setting; "
+                                       "re-extract it (`featinv extract`)")
+        return build_encoder(self.spec, weights, self.attrs["weights_seed"], device,
+                             normalisation=encoder_normalisation(self.attrs.get("normalisation")))
+
     def split(self, name: str):
         """The (N, C, h, w) float16 Zarr array of split ``name``."""
         return self.group[name]
@@ -162,7 +198,7 @@ def extract_features(
     out = Path(out)
     image_store = ImageStore(images)
     spec = resolve_tap(tap)
-    parts = expected_fingerprint(spec, cfg.weights, cfg.weights_seed, image_store.fingerprint)
+    parts = expected_fingerprint(spec, cfg, image_store)
     counts = {s: image_store.count(s) for s in splits}
 
     if _matches(out, parts):
@@ -185,7 +221,7 @@ def extract_features(
             )
         progress_done.setdefault(split, 0)
 
-    encoder = build_encoder(spec, cfg.weights, cfg.weights_seed, device)
+    encoder = build_encoder(spec, cfg.weights, cfg.weights_seed, device, normalisation=cfg.normalisation)
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     total = sum(counts.values())
@@ -229,6 +265,10 @@ def extract_features(
             "format": FORMAT_VERSION,
             "tap": spec.to_dict(),
             "weights": parts["weights"],
+            # What rebuilds this encoder (refinement, `featinv reconstruct`): the setting for this tap.
+            "weights_setting": weights_for_tap(cfg.weights, spec.name),
+            "weights_seed": cfg.weights_seed,
+            "normalisation": parts["normalisation"],
             "fingerprint_parts": parts,
             "fingerprint": digest(parts),
             "image_ids": {s: image_store.ids(s) for s in splits},
@@ -338,13 +378,13 @@ def _open_or_reset_partial(partial: Path, parts: dict):
     return group
 
 
-def _differences(actual: dict, expected: dict, prefix: str = "") -> list[str]:
+def _differences(actual: dict, expected: dict, prefix: str = "", wanted: str = "params want") -> list[str]:
     out = []
     for key in sorted(set(actual) | set(expected)):
         a, e = actual.get(key), expected.get(key)
         if isinstance(a, dict) and isinstance(e, dict):
-            out += _differences(a, e, f"{prefix}{key}.")
+            out += _differences(a, e, f"{prefix}{key}.", wanted)
         elif a != e:
             shown = (lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 40 else v)
-            out.append(f"{prefix}{key}: store has {shown(a)!r}, params want {shown(e)!r}")
+            out.append(f"{prefix}{key}: store has {shown(a)!r}, {wanted} {shown(e)!r}")
     return out

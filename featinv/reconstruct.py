@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featinv.feature_store import encoder_normalisation
 from featinv.images import preprocess_eval, read_rgb
 from featinv.metrics import image_metrics
 from featinv.model import load_checkpoint
@@ -59,7 +60,10 @@ def reconstruct_images(
     model, meta = load_checkpoint(checkpoint, map_location=device)
     model.to(device)
     extract = meta["extract"]
-    encoders = [build_encoder(TapSpec(**s), extract["weights"], extract["weights_seed"], device) for s in meta["taps"]]
+    normalisations = meta.get("normalisation") or {}
+    encoders = [build_encoder(TapSpec(**s), extract["weights"], extract["weights_seed"], device,
+                              normalisation=encoder_normalisation(normalisations.get(s["name"])))
+                for s in meta["taps"]]
     originals = []
     for path in paths:
         rgb = read_rgb(path)

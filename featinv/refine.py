@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from featinv.config import REFINE_OPTIMIZERS, EvaluateConfig, check_refine_settings
 from featinv.errors import ParamsError
 from featinv.feature_store import FeatureStore
-from featinv.taps import TapEncoder, build_encoder
+from featinv.taps import TapEncoder
 
 __all__ = ["refine_images", "refine_reconstructions", "choose_refinement", "total_variation", "OPTIMIZERS"]
 
@@ -261,10 +261,9 @@ def refine_reconstructions(
 
     ``model`` is the run's reconstructor on ``device``, used by decoder back-projection.
     """
-    extract = meta["extract"]
     encoders, targets = [], []
     for store in stores:
-        encoder = build_encoder(store.spec, extract["weights"], extract["weights_seed"], device)
+        encoder = store.build_encoder(device)
         if encoder.weights != store.attrs["weights"]:
             from featinv.errors import StoreMismatchError
 

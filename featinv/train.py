@@ -78,7 +78,7 @@ def open_feature_stores(cfg: Config, images: ImageStore, features_dir: str | Pat
     stores = []
     for tap in run_taps(cfg):
         spec = resolve_tap(tap)
-        expected = expected_fingerprint(spec, cfg.extract.weights, cfg.extract.weights_seed, images.fingerprint)
+        expected = expected_fingerprint(spec, cfg.extract, images)
         store = FeatureStore(store_path(features_dir, tap), expected=expected)
         _check_storage_settings(store, cfg)
         stores.append(store)
@@ -150,6 +150,8 @@ def train_decoder(
         "taps": spec_dicts(specs),
         "weights": stores[0].attrs["weights"],
         "store_fingerprints": {s.spec.name: s.attrs["fingerprint"] for s in stores},
+        "store_fingerprint_parts": {s.spec.name: s.attrs["fingerprint_parts"] for s in stores},
+        "normalisation": {s.spec.name: s.attrs["normalisation"] for s in stores},
         "images_fingerprint": images.fingerprint,
         "resize": int(images.attrs["preprocessing"]["resize"]),
         "crop": images.crop,

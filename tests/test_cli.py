@@ -12,12 +12,13 @@ from featinv.presets import PRESETS, preset_overrides
 runner = CliRunner()
 
 
-def test_taps_json_lists_the_eight_study_taps():
+def test_taps_json_lists_the_study_taps_and_all_five_vgg16_blocks():
     result = runner.invoke(app, ["taps", "--json"])
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert {"tap": "vgg16/block1", "shape": [64, 112, 112]} in rows
-    assert len(rows) == 8
+    assert {"tap": "vgg16/block5", "shape": [512, 7, 7]} in rows
+    assert len(rows) == 11
 
 
 def test_decoders_json_reports_parameter_counts():

@@ -26,9 +26,9 @@ def test_store_layout_and_attrs(tiny_images, tiny_features):
 def test_fingerprint_mismatch_says_what_differs(tiny_images, tiny_features):
     images = ImageStore(tiny_images)
     spec = resolve_tap("vgg16/block1")
-    ok = expected_fingerprint(spec, "random", 0, images.fingerprint)
+    ok = expected_fingerprint(spec, TINY_EXTRACT, images)
     FeatureStore(store_path(tiny_features, "vgg16/block1"), expected=ok)
-    wrong = expected_fingerprint(spec, "random", 1, images.fingerprint)
+    wrong = expected_fingerprint(spec, ExtractConfig(weights_seed=1), images)
     with pytest.raises(StoreMismatchError, match="weights: store has 'random:seed=0', params want 'random:seed=1'"):
         FeatureStore(store_path(tiny_features, "vgg16/block1"), expected=wrong)
 
