@@ -24,6 +24,13 @@ What "careful" means here:
   is verified by *trust on first use*: the digest of the first complete
   download is recorded in a sidecar ``<archive>.sha256`` and later downloads,
   and the archive already on disk, must match it.
+* **Disk faults are named.**  A full disk or a folder without write permission
+  while downloading or extracting raises :class:`~featinv.errors.DownloadError`
+  naming the path and the fix; a ``.part`` is kept so a re-run resumes.
+* **Trust on first use recovers in one run.**  If an archive verified only by
+  its recorded ``<archive>.sha256`` turns out corrupt when extracted, the
+  recorded digest vouches for nothing: both files are deleted, so the next run
+  downloads afresh instead of rejecting a good file against the bad digest.
 * **Extracted once.**  :func:`extract_once` unpacks into a temporary sibling
   directory, writes a ``.complete`` marker last, then moves the directory into
   place with :func:`os.replace`: a folder without the marker was never ours.
@@ -38,6 +45,7 @@ callback; nothing is printed.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import http.client
@@ -193,11 +201,30 @@ def download(
 
     Raises:
         DownloadError: on a network failure (the ``.part`` is kept, a re-run
-            resumes), an HTTP error, or a size/checksum mismatch (the bad file is
-            deleted).  The message names the URL and the fix.
+            resumes), an HTTP error, a size/checksum mismatch (the bad file is
+            deleted), or a local disk fault (disk full, permission denied; the
+            message names the path).  The message names the URL and the fix.
     """
     dest = Path(dest)
     part = _sibling(dest, PART_SUFFIX)
+    try:
+        return _download(url, dest, part, expected, chunk_bytes, timeout, progress)
+    except OSError as exc:  # network faults are DownloadErrors by now: this is the local disk
+        kept = _size_or_zero(part)
+        resume = f"; the {kept} bytes in {part} are kept for the re-run to resume" if kept else ""
+        raise DownloadError(_disk_message(exc, part, f"downloading {url}") + resume) from exc
+
+
+def _download(
+    url: str,
+    dest: Path,
+    part: Path,
+    expected: ArchiveSpec,
+    chunk_bytes: int,
+    timeout: float,
+    progress: ProgressFn | None,
+) -> Path:
+    """:func:`download`'s work; local OSErrors escape to be named there."""
     if dest.exists():
         if _existing_verifies(dest, expected):
             if part.exists():
@@ -224,7 +251,7 @@ def download(
     return dest
 
 
-def extract_once(archive: Path, out_dir: Path) -> Path:
+def extract_once(archive: Path, out_dir: Path, *, expected: ArchiveSpec | None = None) -> Path:
     """Extract the zip ``archive`` into ``out_dir`` unless that was already done.
 
     The archive is unpacked into a temporary directory beside ``out_dir``; a
@@ -234,19 +261,34 @@ def extract_once(archive: Path, out_dir: Path) -> Path:
     marker present does nothing.  Entries keep their paths inside the zip (the
     DIV2K zips hold one top-level folder, e.g. ``DIV2K_train_HR/0001.png``).
 
+    An archive that turns out corrupt and was verified only by trust on first
+    use (``expected.sha256`` is None, or ``expected`` is not given, and a
+    ``<archive>.sha256`` sidecar exists) is deleted together with the sidecar,
+    so a single re-run downloads it afresh.
+
     Args:
         archive: the zip file.
         out_dir: directory to create; must not exist unless it has the marker.
+        expected: the archive's spec, if known (to tell a published checksum
+            from one recorded on first use).
 
     Returns:
         ``out_dir``.
 
     Raises:
         DownloadError: if the archive is not a readable zip, an entry is an
-            absolute path or contains ``..`` (zip-slip), or ``out_dir`` exists
-            without the marker.
+            absolute path or contains ``..`` (zip-slip), ``out_dir`` exists
+            without the marker, or writing fails (disk full, permission denied).
     """
     archive, out_dir = Path(archive), Path(out_dir)
+    try:
+        return _extract_once(archive, out_dir, expected)
+    except OSError as exc:  # reading the zip and writing the folder: the local disk
+        raise DownloadError(_disk_message(exc, out_dir, f"extracting {archive}")) from exc
+
+
+def _extract_once(archive: Path, out_dir: Path, expected: ArchiveSpec | None) -> Path:
+    """:func:`extract_once`'s work; local OSErrors escape to be named there."""
     if (out_dir / COMPLETE_MARKER).is_file():
         log.debug("%s already extracted (marker present); nothing to do", out_dir)
         return out_dir
@@ -260,11 +302,8 @@ def extract_once(archive: Path, out_dir: Path) -> Path:
 
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DownloadError(
-            f"{archive} is not a readable zip archive ({exc}); delete it and re-run "
-            f"to download it again"
-        ) from exc
+    except zipfile.BadZipFile as exc:
+        raise _corrupt_archive(archive, expected, f"is not a readable zip archive ({exc})") from exc
 
     with zf:
         members = zf.infolist()
@@ -279,10 +318,7 @@ def extract_once(archive: Path, out_dir: Path) -> Path:
             try:
                 zf.extractall(tmp)
             except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise DownloadError(
-                    f"{archive} is corrupt ({exc}); delete it and re-run to download "
-                    f"it again"
-                ) from exc
+                raise _corrupt_archive(archive, expected, f"is corrupt ({exc})") from exc
             marker = {"archive": archive.name, "size_bytes": archive.stat().st_size}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")  # written last
             os.replace(tmp, out_dir)
@@ -340,13 +376,15 @@ def fetch_div2k(
         else:
             url = urllib.parse.urljoin(base, urllib.parse.quote(spec.name))
             archive = download(url, root / spec.name, spec, progress=progress)
-            extract_once(archive, out_dir)
+            extract_once(archive, out_dir, expected=spec)
         pngs = sorted(out_dir.rglob("*.png"))
         if len(pngs) != counts[split]:
+            sidecar = _sibling(root / spec.name, SHA256_SUFFIX)
+            also = f" (and {sidecar}, the digest recorded from it)" if sidecar.is_file() else ""
             raise DataSourceError(
                 f"{out_dir} holds {len(pngs)} PNG images, but DIV2K's {split} split "
                 f"({spec.name}) has {counts[split]}; delete {out_dir} and "
-                f"{root / spec.name} and re-run to download and extract it again"
+                f"{root / spec.name}{also} and re-run to download and extract it again"
             )
         log.info("DIV2K %s: %d images in %s", split, len(pngs), out_dir)
         found[split] = pngs
@@ -574,6 +612,45 @@ def _existing_verifies(dest: Path, expected: ArchiveSpec) -> bool:
     log.warning("%s %s; deleting it and downloading it again", dest, problem)
     dest.unlink()
     return False
+
+
+def _corrupt_archive(archive: Path, expected: ArchiveSpec | None, problem: str) -> DownloadError:
+    """The error for an archive that will not extract; a trust-on-first-use one is deleted first.
+
+    Its recorded digest was taken from this very file, so it vouches for nothing;
+    kept, it would reject the next (good) download and recovery would take two runs.
+    """
+    sidecar = _sibling(archive, SHA256_SUFFIX)
+    published = expected is not None and expected.sha256 is not None
+    if published or not sidecar.is_file():
+        return DownloadError(f"{archive} {problem}; delete it and re-run to download it again")
+    archive.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
+    return DownloadError(
+        f"{archive} {problem}; it had no published checksum, so it and the digest recorded "
+        f"from it ({sidecar}) were deleted: re-run to download it again"
+    )
+
+
+def _disk_message(exc: OSError, path: Path, doing: str) -> str:
+    """One line for a local filesystem fault: the path, the errno, and the fix."""
+    where = exc.filename if exc.filename is not None else path
+    folder = path.parent
+    code = errno.errorcode.get(exc.errno or 0, "")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on {folder} (or point data.root elsewhere), then re-run"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {folder} writable (or point data.root elsewhere), then re-run"
+    else:
+        fix = f"check {folder}, then re-run"
+    return f"{where}: {code + ': ' if code else ''}{exc.strerror or exc} while {doing}; {fix}"
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _reject_unsafe_member(archive: Path, name: str) -> None:

@@ -7,6 +7,7 @@ to drop the connection after N body bytes, and it records every request.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
 import io
@@ -448,3 +449,118 @@ def test_extract_once_runs_once_and_refuses_unmarked_dir(tmp_path):
     unmarked.mkdir()
     with pytest.raises(DownloadError, match=COMPLETE_MARKER):
         extract_once(archive, unmarked)
+
+
+# --------------------------------------------------------------------------- local disk faults
+
+
+class _FillingFile:
+    """A file object whose disk fills up after ``room`` bytes (ENOSPC, as a real write would raise)."""
+
+    def __init__(self, fh, room: int) -> None:
+        self._fh, self._room = fh, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._fh.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+def test_disk_full_while_downloading_is_a_download_error_and_resumes(tmp_path, server, fake, monkeypatch):
+    spec = fake.archives["train"]
+    dest = tmp_path / spec.name
+    url = server.url_for(spec.name)
+    monkeypatch.setattr("featinv.download.open", lambda path, mode: _FillingFile(open(path, mode), 256),
+                        raising=False)
+
+    with pytest.raises(DownloadError) as info:
+        download(url, dest, spec, chunk_bytes=64, timeout=TIMEOUT_S)
+
+    message = str(info.value)
+    assert str(_part(dest)) in message and "ENOSPC" in message and "free space on" in message
+    assert "256 bytes" in message and "resume" in message and "\n" not in message
+    assert _part(dest).stat().st_size == 256 and not dest.exists()
+
+    monkeypatch.undo()  # space freed: a re-run resumes where the disk filled up
+    download(url, dest, spec, chunk_bytes=64, timeout=TIMEOUT_S)
+    assert dest.read_bytes() == fake.data[spec.name]
+    assert server.state.seen[-1].range == "bytes=256-"
+
+
+def test_permission_denied_on_destination_is_a_download_error(tmp_path, server, fake, monkeypatch):
+    spec = fake.archives["valid"]
+    dest = tmp_path / spec.name
+
+    def denied(path, mode):  # chmod cannot lock root out, so deny at the open
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("featinv.download.open", denied, raising=False)
+    with pytest.raises(DownloadError, match=rf"{re.escape(str(_part(dest)))}: EACCES: .* writable"):
+        download(server.url_for(spec.name), dest, spec, timeout=TIMEOUT_S)
+
+
+def test_destination_under_a_file_is_a_download_error(tmp_path, server, fake):
+    spec = fake.archives["valid"]
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    with pytest.raises(DownloadError, match="blocker"):
+        download(server.url_for(spec.name), tmp_path / "blocker" / spec.name, spec, timeout=TIMEOUT_S)
+
+
+def test_disk_full_while_extracting_is_a_download_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    archive = tmp_path / "DIV2K_valid_HR.zip"
+    _div2k_zip(archive, "DIV2K_valid_HR", VALID_NUMBERS, seed=2)
+    out_dir = tmp_path / "out"
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", full)
+    with pytest.raises(DownloadError, match=r"out: ENOSPC: .*extracting .*free space on"):
+        extract_once(archive, out_dir)
+    assert not out_dir.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert archive.exists()  # a full disk says nothing about the archive
+
+
+# --------------------------------------------------------------------------- trust on first use, corrupt
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_corrupt_tofu_archive_is_deleted_with_its_digest_so_one_rerun_recovers(tmp_path, server, fake, damage):
+    name = "DIV2K_train_HR.zip"
+    good = fake.data[name]
+    if damage == "truncated":
+        bad = good[: len(good) // 2]  # no central directory: not a zip at all
+    else:
+        middle = len(good) // 2  # inside a stored PNG: the CRC check fails on extraction
+        bad = good[:middle] + bytes([good[middle] ^ 0xFF]) + good[middle + 1 :]
+    server.state.files["/" + name] = bad
+    archives = {**fake.archives, "train": ArchiveSpec(name, None, None)}  # no published checksum
+    root = tmp_path / "root"
+    archive, sidecar = root / name, root / (name + ".sha256")
+
+    with pytest.raises(DownloadError, match="sha256.*were deleted: re-run") as info:
+        fetch_div2k(root, server.url, archives=archives, expected_counts=COUNTS)
+    assert str(archive) in str(info.value) and str(sidecar) in str(info.value)
+    assert not archive.exists() and not sidecar.exists()
+    assert not (root / "DIV2K_train_HR").exists()
+
+    server.state.files["/" + name] = good  # the server (or the network) is healthy again
+    train, _valid = fetch_div2k(root, server.url, archives=archives, expected_counts=COUNTS)
+    assert len(train) == len(TRAIN_NUMBERS)
+    assert sidecar.read_text().split()[0] == hashlib.sha256(good).hexdigest()
+
+
+def test_corrupt_archive_with_published_checksum_is_kept(tmp_path):
+    archive = tmp_path / "DIV2K_valid_HR.zip"
+    archive.write_bytes(b"PK\x03\x04 not really a zip")
+    spec = ArchiveSpec(archive.name, None, "0" * 64)
+    with pytest.raises(DownloadError, match="not a readable zip archive.*delete it and re-run"):
+        extract_once(archive, tmp_path / "out", expected=spec)
+    assert archive.exists()
