@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from featinv.baselines import baseline_metrics, dataset_mean_image, thumbnail_name
 from featinv.config import Config, EvaluateConfig
 from featinv.device import resolve_device
 from featinv.errors import CheckpointError, StorageError, StoreMismatchError
@@ -114,6 +115,7 @@ def evaluate_run(
     if refined is not None:
         metrics["decoder_only"] = {"psnr": summarize(r["psnr_decoder"] for r in rows),
                                    "ssim": summarize(r["ssim_decoder"] for r in rows)}
+    metrics.update(reference_scores(targets, images, meta, metrics))
     # The metrics JSON last: it is what marks an evaluation as done (DVC reads it).
     try:
         _write_csv(per_image_csv, ids, rows)
@@ -124,6 +126,30 @@ def evaluate_run(
                            f"({exc.strerror or exc}); free space there or choose another output folder") from None
     log.info("test PSNR %.2f dB, SSIM %.3f over %d images", metrics["psnr"]["mean"], metrics["ssim"]["mean"], len(rows))
     return metrics
+
+
+def tap_grid(meta: dict) -> tuple[int, int]:
+    """The spatial grid a run's features have: its tap's h×w (an ensemble: its finest tap's)."""
+    return max(((t["height"], t["width"]) for t in meta["taps"]), key=lambda hw: hw[0] * hw[1])
+
+
+def reference_scores(targets01: torch.Tensor, images: ImageStore, meta: dict, metrics: dict) -> dict[str, Any]:
+    """The non-learned baselines of the run's tap on the same test images, and the margin over the thumbnail.
+
+    Returns:
+        ``baselines`` (dataset mean image, per-image mean colour, thumbnail at the tap's grid; each
+        ``{psnr, ssim, grid}``), ``psnr_over_thumbnail`` (the run's mean PSNR minus the thumbnail's:
+        > 0 means the features give away more than an h×w colour thumbnail), and the same for the
+        decoder alone when the run was refined.
+    """
+    grid = tap_grid(meta)
+    baselines = baseline_metrics(targets01, grid, dataset_mean_image(images.pixels("train")))
+    thumb = baselines[thumbnail_name(grid)]["psnr"]["mean"]
+    out: dict[str, Any] = {"baselines": baselines, "psnr_over_thumbnail": metrics["psnr"]["mean"] - thumb}
+    if "decoder_only" in metrics:
+        out["decoder_only"] = {**metrics["decoder_only"],
+                               "psnr_over_thumbnail": metrics["decoder_only"]["psnr"]["mean"] - thumb}
+    return out
 
 
 def predict_split(

@@ -205,6 +205,7 @@ def prepare_images(
                     "featinv": "images",
                     "format": FORMAT_VERSION,
                     "source": cfg.source,
+                    "data": dataclasses.asdict(cfg),  # what training compares its params with
                     "seed": seed,
                     "ids": ids,
                     "source_ids": sources,

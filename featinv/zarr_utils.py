@@ -43,11 +43,19 @@ def partial_path(path: Path) -> Path:
 
 
 def commit_dir(partial: Path, final: Path) -> None:
-    """Atomically move a finished store directory into place (replacing an old one)."""
-    if final.exists():
-        remove_tree(final)
+    """Atomically move a finished store directory into place (replacing an old one).
+
+    The old store is renamed aside first and deleted only after the new one is in place: deleting
+    it in place could fail half-way (disk error, a kill) and leave a half-deleted store that
+    still carries its ``complete`` attribute.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(final.name + ".old")
+    remove_tree(old)
+    if final.exists() or final.is_symlink():
+        os.replace(final, old)
     os.replace(partial, final)
+    remove_tree(old)
 
 
 def remove_tree(path: Path) -> None:

@@ -1,6 +1,7 @@
 """Evaluation writes a stable metrics schema, a per-image CSV and a reconstruction grid."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -11,12 +12,15 @@ from featinv.errors import CheckpointError
 from featinv.evaluate import evaluate_run
 from featinv.train import train_decoder
 
+from conftest import TINY_DATA
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_images, tiny_features, tmp_path_factory):
     from featinv.config import Config
 
-    cfg = Config.from_params({"train": {"epochs": 1, "device": "cpu", "lr": 1e-3}, "extract": {"device": "cpu"}})
+    cfg = Config.from_params({"data": dataclasses.asdict(TINY_DATA), "extract": {"device": "cpu"},
+                              "train": {"epochs": 1, "device": "cpu", "lr": 1e-3}})
     out = tmp_path_factory.mktemp("run")
     return train_decoder(cfg, tiny_images, tiny_features, out).best_checkpoint
 
@@ -127,3 +131,16 @@ def test_ids_that_are_not_ascii_reach_the_csv(trained, tiny_images, tiny_feature
     evaluate_run(trained, tiny_images, tiny_features, EvaluateConfig(device="cpu", grid_images=2), *paths)
     assert "café_0" in paths[1].read_text(encoding="utf-8")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_metrics_report_the_taps_non_learned_baselines(trained, tiny_images, tiny_features, tmp_path):
+    metrics = evaluate_run(trained, tiny_images, tiny_features, EvaluateConfig(device="cpu", grid_images=2),
+                           *_paths(tmp_path))
+    baselines = metrics["baselines"]
+    assert set(baselines) == {"dataset_mean", "mean_colour", "thumbnail_112x112"}  # vgg16/block1's grid
+    assert baselines["thumbnail_112x112"]["grid"] == [112, 112]
+    # A 112×112 thumbnail keeps far more than one colour per image.
+    assert baselines["thumbnail_112x112"]["psnr"]["mean"] > baselines["mean_colour"]["psnr"]["mean"] + 5
+    assert metrics["psnr_over_thumbnail"] == pytest.approx(
+        metrics["psnr"]["mean"] - baselines["thumbnail_112x112"]["psnr"]["mean"])
+    assert json.loads((tmp_path / "eval.json").read_text())["baselines"] == baselines
