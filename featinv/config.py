@@ -267,6 +267,8 @@ class StudyConfig(_Section):
     )
     epochs: int = bounded(3, 1)  # per run: the study trains 44 runs, so each gets a short budget
     samples_per_epoch: int | None = bounded(None, 1)  # per run, a seeded random subset of the training views
+    # Every cell the same wall-clock training budget instead of epochs × samples (epochs then only cap it).
+    max_minutes: float | None = bounded(None, 0.0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)

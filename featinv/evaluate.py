@@ -216,7 +216,7 @@ def _store_notes(stores: list[FeatureStore]) -> list[str]:
 
 def _train_summary(meta: dict) -> dict:
     result = meta.get("train_result", {})
-    keys = ("best_epoch", "epochs_run", "stopped", "train_seconds", "train_steps", "best_val_loss")
+    keys = ("best_epoch", "epochs_run", "stopped", "train_seconds", "train_steps", "samples_seen", "best_val_loss")
     return {k: result.get(k) for k in keys}
 
 

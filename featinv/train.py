@@ -54,6 +54,7 @@ class TrainResult:
     stopped: str  # "epochs" | "early_stop" | "time_budget"
     train_seconds: float
     train_steps: int
+    samples_seen: int  # training samples (feature windows, for window recipes) the decoder saw
     decoder_params: int
     device: str
     fallbacks: list[str]
@@ -163,7 +164,7 @@ def train_decoder(
     # epoch, this run would otherwise leave them looking like its own result.
     for stale in ("best.pt", "last.pt"):
         remove_tree(out_dir / stale)
-    best_loss, best_epoch, stale, steps = math.inf, 0, 0, 0
+    best_loss, best_epoch, stale, steps, samples_seen = math.inf, 0, 0, 0, 0
     stopped = "epochs"
     start = time.perf_counter()
     if hasattr(model.decoder, "warm_start") and len(specs) == 1:
@@ -196,6 +197,7 @@ def train_decoder(
             total += float(loss.detach()) * target.shape[0]
             seen += target.shape[0]
             steps += 1
+        samples_seen += seen
         val_loss, val_psnr = _validate(model, val_batches, criterion, device)
         if tc.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -220,7 +222,7 @@ def train_decoder(
             break
     seconds = time.perf_counter() - start
     result = TrainResult(out_dir / "best.pt", out_dir / "last.pt", best_epoch, best_loss, epoch, stopped,
-                         seconds, steps, n_params, str(device), fallbacks)
+                         seconds, steps, samples_seen, n_params, str(device), fallbacks)
     # Record the run summary in both checkpoints, and only now mark them finished.
     for path in (out_dir / "best.pt", out_dir / "last.pt"):
         _annotate(path, {"train_result": result.to_dict(), "finished": True})

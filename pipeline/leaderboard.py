@@ -16,9 +16,11 @@ def main() -> None:
     board = leaderboard(collect_results(args.metrics, plan_runs(cfg)))
     write_leaderboard(board, args.out)
     best_runs_figure(board, args.runs, args.images, args.features, f"{args.out}/best_runs.png")
-    per_tap = board[~board["tap_or_fusion"].str.startswith("ensemble-")].groupby("tap_or_fusion")
+    runs = board[board["rank"] > 0]
+    per_tap = runs[~runs["tap_or_fusion"].str.startswith("ensemble-")].groupby("tap_or_fusion")
     rows = [{"tap": tap, "psnr_decoder": float(g["psnr_decoder_only"].max()),
-             "psnr_refined": float(g["psnr"].max()) if (g["refine_steps"] > 0).any() else None}
+             "psnr_refined": float(g["psnr"].max()) if (g["refine_steps"] > 0).any() else None,
+             "thumbnail": None if g["thumbnail_psnr"].isna().all() else float(g["thumbnail_psnr"].max())}
             for tap, g in per_tap]
     depth_figure(rows, f"{args.out}/psnr_by_tap.png")
 

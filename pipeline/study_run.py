@@ -20,7 +20,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = config(args)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, epochs=cfg.study.epochs, samples_per_epoch=cfg.study.samples_per_epoch))
+        cfg.train, epochs=cfg.study.epochs, samples_per_epoch=cfg.study.samples_per_epoch,
+        max_minutes=cfg.study.max_minutes))
     result = train_decoder(cfg, args.images, args.features, args.out)
     metrics = Path(args.metrics)
     evaluate_run(result.best_checkpoint, args.images, args.features, cfg.evaluate, metrics,
