@@ -138,14 +138,15 @@ def thumbnail_name(grid_hw: Sequence[int]) -> str:
 
 
 def baseline_reconstructions(
-    targets01: torch.Tensor, grid_hw: Sequence[int], train_mean01: torch.Tensor
+    targets01: torch.Tensor, grid_hw: Sequence[int], train_mean01: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """The three baselines' reconstructions of ``targets01``.
 
     Args:
         targets01: (N, 3, H, W) floats in [0, 1].
         grid_hw: the tap's grid (h, w) for the thumbnail.
-        train_mean01: (3, H, W) from :func:`dataset_mean_image`.
+        train_mean01: (3, H, W) from :func:`dataset_mean_image`; None when no training split is at
+            hand (then there is no ``dataset_mean`` baseline).
 
     Returns:
         ``{"dataset_mean": …, "mean_colour": …, "thumbnail_{h}x{w}": …}``, each (N, 3, H, W) in [0, 1].
@@ -153,15 +154,15 @@ def baseline_reconstructions(
     Raises:
         ParamsError: bad shapes or grid.
     """
-    return {
-        "dataset_mean": dataset_mean(targets01, train_mean01),
+    out = {} if train_mean01 is None else {"dataset_mean": dataset_mean(targets01, train_mean01)}
+    return out | {
         "mean_colour": mean_colour(targets01),
         thumbnail_name(grid_hw): thumbnail(targets01, grid_hw),
     }
 
 
 def baseline_metrics(
-    targets01: torch.Tensor, grid_hw: Sequence[int], train_mean01: torch.Tensor
+    targets01: torch.Tensor, grid_hw: Sequence[int], train_mean01: torch.Tensor | None
 ) -> dict[str, dict]:
     """PSNR and SSIM of each baseline, summarised like the run metrics.
 

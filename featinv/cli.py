@@ -27,6 +27,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override a param: KEY=VALUE")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
 DEFAULT_CHECKPOINT = Path("data/train/best.pt")
+HELDOUT_ROOT = Path("data/heldout")
 
 
 def _handles_errors(fn: Callable) -> Callable:
@@ -138,24 +139,47 @@ def evaluate(checkpoint: Annotated[Optional[Path], typer.Option(
                  help="a checkpoint to evaluate as it is (default: data/train/best.pt, which must be the "
                       "finished run that params describe)")] = None,
              images: Path = Path("data/prepared/images.zarr"),
-             features: Path = Path("data/features"), out: Path = Path("metrics"),
+             features: Path = Path("data/features"),
+             out: Annotated[Optional[Path], typer.Option(
+                 help="report folder (default: metrics; with --on: the held-out folder's cache)")] = None,
+             on: Annotated[Optional[Path], typer.Option(
+                 "--on", help="score the run on every image in this folder instead of the test split "
+                              "(prepared and extracted with the run's own settings, cached in data/heldout/)")] = None,
              refine: Annotated[Optional[int], typer.Option(help="feature-matching refinement steps")] = None,
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Evaluate a checkpoint on the test split: metrics JSON, per-image CSV, PNG grid."""
+    """Evaluate a checkpoint on the test split (or a held-out folder): metrics JSON, per-image CSV, PNG grid."""
     import dataclasses
 
     from featinv.evaluate import evaluate_run
 
     cfg = _config(params, set_)
     ecfg = cfg.evaluate if refine is None else dataclasses.replace(cfg.evaluate, refine=refine)
+    if on is not None:
+        from featinv.heldout import evaluate_on_folder, heldout_work_dir
+
+        work = heldout_work_dir(HELDOUT_ROOT, on)
+        with progress_bar(f"held-out {on}") as bar:
+            m = evaluate_on_folder(checkpoint or DEFAULT_CHECKPOINT, on, work, ecfg, out or work / "metrics",
+                                   progress=lambda stage, done, total: bar(done, total))
+        _print_scores(m)
+        console.print(f"wrote {out or work / 'metrics'}/eval.json")
+        return
+    out = out or Path("metrics")
     # The default checkpoint must be the run params describe; one named on purpose is evaluated
     # as it is (a warning, recorded in the metrics' notes, says what differs).
     m = evaluate_run(checkpoint or DEFAULT_CHECKPOINT, images, features, ecfg, out / "eval.json",
                      out / "eval_per_image.csv", out / "reconstructions.png", run_config=cfg,
                      strict=checkpoint is None)
+    _print_scores(m)
+
+
+def _print_scores(m: dict) -> None:
     lp = m["lpips"]["mean"] if m["lpips"] else None
+    thumb = next((name for name in m.get("baselines", {}) if name.startswith("thumbnail_")), None)
     console.print(f"PSNR {m['psnr']['mean']:.2f} dB · SSIM {m['ssim']['mean']:.3f} · "
-                  f"LPIPS {'n/a' if lp is None else f'{lp:.3f}'} over {m['n_images']} test images")
+                  f"LPIPS {'n/a' if lp is None else f'{lp:.3f}'} over {m['n_images']} test images"
+                  + (f" · {m['psnr_over_thumbnail']:+.2f} dB over the {thumb[10:]} thumbnail" if thumb else ""),
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -235,14 +259,30 @@ def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs 
           as_json: JsonOpt = False,
           plan: Annotated[bool, typer.Option("--plan", help="show DVC's plan: which extract stages feed which runs")]
           = False,
+          executor: Annotated[str, typer.Option(
+              "--executor", help="local: one `dvc repro` here | dask: one task per stage on Dask workers")] = "local",
+          workers: Annotated[Optional[int], typer.Option(
+              "--workers", min=1, help="dask: start a local cluster of N workers (default: one per GPU, else 2)")]
+          = None,
+          address: Annotated[Optional[str], typer.Option(
+              "--address", help="dask: use the running scheduler at ADDR (tcp://host:8786, dask-jobqueue)")] = None,
+          remote: Annotated[Optional[str], typer.Option(
+              "--remote", help="dask: the DVC remote that carries data between machines (default: the default one)")]
+          = None,
+          retries: Annotated[int, typer.Option("--retries", min=0, help="dask: tries again a stage that fails")] = 2,
           params: ParamsOpt = Path("params.yaml")) -> None:
     """Run the whole study (every tap × decoder + fusion × decoder) on one shared feature cache.
 
     Drives `dvc repro study/dvc.yaml`: each tap is extracted once by the root pipeline's
     extract@<tap> stage, every run trains from the cached stores, and the leaderboard lands in
-    study/results/.
+    study/results/.  With `--executor dask` the stages run as Dask tasks on many workers, a DVC
+    remote carries the data, and this workspace ends up as a sequential study leaves it.
     """
+    import sys
+
     from featinv.errors import ParamsError
+    from featinv.executors import EXECUTORS, ClusterError, StudyRequest
+    from featinv.executors.progress import study_progress
     from featinv.study import plan_runs
 
     cfg = load_params(params)
@@ -270,11 +310,19 @@ def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs 
             console.print(f"{len(extracts)} extract stages (each runs at most once per `dvc repro`) "
                           f"feed {len(feeds)} training runs")
         return
-    counts = _run_dvc_repro([STUDY_DVC_YAML])
-    extracted = {k: v for k, v in counts.items() if k.startswith("extract@")}
-    trained = sum(v for k, v in counts.items() if k.split("@")[0] in ("study/dvc.yaml:run", "study/dvc.yaml:ensemble"))
-    console.print(f"[bold]study:[/] {len(runs)} runs planned; ran {trained} training runs and "
-                  f"{len(extracted)} extractions ({', '.join(f'{k[8:]}×{v}' for k, v in extracted.items()) or 'all cached'})")
+    run_study = EXECUTORS.get(executor)
+    if workers and address:
+        raise ParamsError("--workers starts a local cluster and --address uses a running one: pass one of them")
+    with study_progress(console) as on_event:
+        report = run_study(StudyRequest(
+            root=Path.cwd(), target=STUDY_DVC_YAML, client_stages=frozenset({f"{STUDY_DVC_YAML}:leaderboard"}),
+            workers=workers, address=address, remote=remote, retries=retries, echo=sys.stderr.write,
+            on_event=on_event))
+    for line in report.summary_lines(len(runs)):
+        console.print(line, highlight=False)
+    if report.failed:
+        raise ClusterError(f"{len(report.failed)} stages did not finish (above; logs in data/logs/study/); "
+                           "the others are recorded, and `featinv study` runs only what is missing")
     console.print("leaderboard: study/results/leaderboard.md · figures: study/results/*.png · "
                   "compare: `dvc metrics show`")
 
@@ -297,26 +345,12 @@ def _study_plan() -> dict[str, list[str]]:
 
 def _run_dvc_repro(targets: list[str], dry: bool = False) -> dict[str, int]:
     """Run `dvc repro <targets>`, streaming its output; return how often each stage ran."""
-    import collections
-    import os
-    import re
-    import subprocess
     import sys
 
-    env = dict(os.environ)
-    # Stage commands call `python`: make it this interpreter, so the study runs in this environment.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    cmd = [sys.executable, "-m", "dvc", "repro", *targets] + (["--dry"] if dry else [])
-    counts: collections.Counter[str] = collections.Counter()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            sys.stderr.write(line)
-            match = re.match(r"Running stage '([^']+)'", line)
-            if match:
-                counts[match.group(1)] += 1
-    if proc.returncode != 0:
-        raise FeatinvError(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}); see the output above")
-    return dict(counts)
+    from featinv.executors import StudyRequest
+    from featinv.executors.local import repro
+
+    return repro(StudyRequest(root=Path.cwd(), target=STUDY_DVC_YAML, echo=sys.stderr.write), targets, dry=dry)
 
 
 @app.command()

@@ -101,6 +101,7 @@ def evaluate_run(
         "ssim": summarize(r["ssim"] for r in rows),
         "lpips": summarize(r["lpips"] for r in rows),
         "n_images": len(rows),
+        "test_set": {"images": str(images_path), "fingerprint": images.fingerprint},
         "encoder": meta["encoder"],
         "fusion": meta.get("fusion"),
         "decoder": meta["decoder"],
@@ -143,7 +144,10 @@ def reference_scores(targets01: torch.Tensor, images: ImageStore, meta: dict, me
         decoder alone when the run was refined.
     """
     grid = tap_grid(meta)
-    baselines = baseline_metrics(targets01, grid, dataset_mean_image(images.pixels("train")))
+    train_mean01 = meta.get("train_mean01")  # the run's own training split (checkpoints since format 1.1)
+    if train_mean01 is None and images.count("train"):
+        train_mean01 = dataset_mean_image(images.pixels("train"))
+    baselines = baseline_metrics(targets01, grid, None if train_mean01 is None else train_mean01.float())
     thumb = baselines[thumbnail_name(grid)]["psnr"]["mean"]
     out: dict[str, Any] = {"baselines": baselines, "psnr_over_thumbnail": metrics["psnr"]["mean"] - thumb}
     if "decoder_only" in metrics:

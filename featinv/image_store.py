@@ -29,7 +29,7 @@ import numpy as np
 from featinv.config import DataConfig
 from featinv.errors import StorageError, StoreIncompleteError
 from featinv.images import center_crop, display_path, random_view, resize_square, view_rng
-from featinv.sources import SPLITS, SourceImage, collect_images
+from featinv.sources import SPLITS, SourceImage, SourcePools, collect_images
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
 __all__ = ["ImageStore", "prepare_images", "PrepareReport"]
@@ -95,6 +95,7 @@ def prepare_images(
     out: str | Path,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 4,
+    pools: SourcePools | None = None,
 ) -> PrepareReport:
     """Collect, preprocess and store the images of every split.
 
@@ -104,6 +105,8 @@ def prepare_images(
         out: the image store to write (``data/prepared/images.zarr``).
         progress: called as ``progress(done, total)`` after each image.
         workers: decoding threads (PIL releases the GIL while decoding/resizing).
+        pools: the images of each split, instead of ``cfg.source``'s (a split may be empty:
+            a held-out test set has only ``test``).
 
     Images whose decoded pixels are identical in train/val and test are
     reported (a warning, and ``attrs["duplicates_across_splits"]``): their test
@@ -120,7 +123,7 @@ def prepare_images(
         from featinv.errors import ParamsError
 
         raise ParamsError(f"`data.crop` ({cfg.crop}) must not exceed `data.resize` ({cfg.resize})")
-    pools = collect_images(cfg, seed)
+    pools = collect_images(cfg, seed) if pools is None else {s: list(pools.get(s, [])) for s in SPLITS}
     partial = partial_path(out)
     with _storage_errors(out):
         remove_tree(partial)

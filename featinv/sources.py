@@ -35,7 +35,7 @@ from featinv.errors import DataSourceError, ParamsError
 from featinv.images import MIN_SIDE, display_path, is_image_path, read_rgb
 from featinv.registry import Registry
 
-__all__ = ["SourceImage", "SourcePools", "SOURCES", "collect_images", "split_pool", "SAMPLE_PHOTOS"]
+__all__ = ["SourceImage", "SourcePools", "SOURCES", "collect_images", "folder_pool", "split_pool", "SAMPLE_PHOTOS"]
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,16 @@ def _is_regular_file(path: Path, param: str) -> bool:
         f"{display_path(path)}: not a regular file (a pipe, socket or device; param `{param}`); "
         "remove it or move it out of the folder"
     )
+
+
+def folder_pool(folder: str | Path, param: str) -> list[SourceImage]:
+    """Every image under ``folder``, with the ids the folder source gives them.
+
+    Raises:
+        DataSourceError: the folder is missing, unreadable or holds no images (naming ``param``).
+    """
+    folder = Path(folder)
+    return _file_images(_folder_images(folder, param), folder)
 
 
 def _file_images(paths: Sequence[Path], root: Path | None = None) -> list[SourceImage]:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from featinv.baselines import dataset_mean_image
 from featinv.config import Config
 from featinv.decoders import count_parameters
 from featinv.device import resolve_device
@@ -159,6 +160,9 @@ def train_decoder(
         "config": dataclasses.asdict(cfg),
         "extract": dataclasses.asdict(cfg.extract),
         "finished": False,  # set once the run ends normally; evaluation refuses an unfinished run
+        # The training split's mean image: the "dataset mean" baseline of any later evaluation,
+        # including one on held-out images that come without a training split.
+        "train_mean01": dataset_mean_image(images.pixels("train")).half(),
     }
     # A previous run's checkpoints must not survive into this one: killed before its first
     # epoch, this run would otherwise leave them looking like its own result.
