@@ -1,27 +1,38 @@
 """Reconstruction-quality benchmark on natural images (issue: beat the published numbers).
 
 Train + validate on CBSD68 (20 % validation, seed 42), test on CSet14 + CSet5,
-folder source, seeded random encoder weights (the only ones available offline).
-For each row: train a decoder for a wall-clock budget from the cached features,
-evaluate it on the test set decoder-only, then with feature-matching
-refinement whose settings were chosen on the *validation* split.
+folder source, seeded random encoder weights unless ``--weights`` names a trained
+weights file for a family (``--weights vgg16=../shared/weights/vgg16_imagenet_oxford_features.pth``,
+``--weights timm:tf_efficientnet_lite0=../shared/weights/tf_efficientnet_lite0_imagenet.pth``;
+every other tap stays random). Each encoder gets its own weights' input normalisation
+(``extract.normalisation: auto``). For each row: train a decoder for a wall-clock budget
+from the cached features, evaluate it on the test set decoder-only, then with
+feature-matching refinement whose settings were chosen on the *validation* split
+(on the features of the same weights).
 
     python -m benchmarks.quality                      # the full benchmark (~3 CPU-hours)
     python -m benchmarks.quality --taps vgg16/block1  # one tap
     python -m benchmarks.quality --taps vgg16/block1 --decoders local_mlp --minutes 10 --append
                                                       # one row, keeping the others in the JSON
     python -m benchmarks.quality --quick              # a smoke run (tiny budgets)
+    python -m benchmarks.quality --taps vgg16/block3 --decoders local_mlp --append \
+        --weights vgg16=../shared/weights/vgg16_imagenet_oxford_features.pth
+                                                      # one trained-encoder row
 
-Prints a table, writes benchmarks/results/quality.json (rows: tap, decoder,
-refine_steps, train_steps, train_seconds, psnr, ssim — test-set means) and
-benchmarks/results/psnr_by_tap.png.
+Prints a table, writes benchmarks/results/quality.json (rows: tap, decoder, weights
+(the weights id recorded in the store), refine_steps, train_steps, train_seconds,
+psnr, ssim — test-set means — and the tap's non-learned baselines with the margin
+over its thumbnail), benchmarks/results/psnr_by_tap.png (random weights) and
+benchmarks/results/psnr_by_depth_trained.png (trained vs random, by depth).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -36,13 +47,14 @@ from featinv.model import load_checkpoint
 from featinv.presets import PRESETS, preset_overrides
 from featinv.refine import choose_refinement
 from featinv.study import depth_figure
-from featinv.taps import build_encoder, resolve_tap
+from featinv.taps import resolve_tap, weights_id
 from featinv.train import train_decoder
 
 log = logging.getLogger("benchmarks.quality")
 
 SEED = 42
 WEIGHTS_SEED = 0
+RANDOM_ID = f"random:seed={WEIGHTS_SEED}"
 STUDY_TAPS = ["vgg16/block1", "resnet34/layer1", "pvt_v2_b2/stage1", "vgg16/block3", "resnet34/layer2",
               "pvt_v2_b2/stage2", "vit_small/block1", "vit_small/block3"]
 
@@ -67,10 +79,10 @@ OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # refinements from antithetic noisy starts, back-projected (4 refinements' cost, in selection too).
 DEEP_REFINE = {key.removeprefix("evaluate.refine_"): value for key, value in PRESETS["deep_refine"].items()
                if key != "evaluate.refine"}
-REFINE_CANDIDATES = [{"lr": 0.01, "tv": 0.0}, {"lr": 0.002, "tv": 0.002},
-                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
-                     {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
-                     {"lr": 0.01, "tv": 0.0, **DEEP_REFINE}]
+REFINE_CANDIDATES = {"adam": {"lr": 0.01, "tv": 0.0}, "adam_tv": {"lr": 0.002, "tv": 0.002},
+                     "lbfgs_smooth2": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
+                     "lbfgs_smooth2_bp": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
+                     "deep_refine": {"lr": 0.01, "tv": 0.0, **DEEP_REFINE}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -84,70 +96,108 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--other-select-steps", type=int, default=10, help="other taps: steps per candidate on val")
     p.add_argument("--decoders", nargs="+", default=None, choices=sorted(RECIPES),
                    help="decoders to train (default: all three on vgg16/block1, featinv's two elsewhere)")
+    p.add_argument("--candidates", nargs="+", default=list(REFINE_CANDIDATES), choices=list(REFINE_CANDIDATES),
+                   help="refinement candidates tried on validation (default: all)")
+    p.add_argument("--select-images", type=int, default=None,
+                   help="score the candidates on the first N validation images only (default: all 14)")
+    p.add_argument("--weights", action="append", default=[], metavar="KEY=PATH",
+                   help="trained weights for a family (vgg16), a timm model (timm:tf_efficientnet_lite0) or a "
+                        "tap; repeatable; every other tap keeps seeded random weights")
     p.add_argument("--views", type=int, default=8, help="cached augmented views per training image")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budgets and data")
     p.add_argument("--append", action="store_true",
-                   help="keep the rows already in --out for (tap, decoder) pairs this run does not train")
+                   help="keep the rows already in --out for (tap, decoder, weights) this run does not train")
     args = p.parse_args(argv)
+    weights = weights_setting(args.weights, p.error)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.minutes = args.other_minutes = 0.05
         args.refine_steps, args.select_steps, args.views = 5, 2, 1
         args.other_refine_steps, args.other_select_steps = 5, 2
 
-    images = prepared_images(args.work, args.data, args.views, max_images=8 if args.quick else None)
-    extract = ExtractConfig(weights="random", weights_seed=WEIGHTS_SEED, device="cpu", batch_size=16)
-    features = args.work / "features"
-    plan = [(tap, decoder) for tap in args.taps
+    data = data_config(args.data, args.views, max_images=8 if args.quick else None)
+    images = prepared_images(args.work, args.data, args.views, max_images=data.max_images)
+    extract = ExtractConfig(weights=weights, weights_seed=WEIGHTS_SEED, normalisation="auto", device="cpu",
+                            batch_size=16)
+    plan = [(tap, decoder, weights_id(resolve_tap(tap), weights, WEIGHTS_SEED)) for tap in args.taps
             for decoder in args.decoders or DEFAULT_DECODERS.get(tap, OTHER_TAPS_DECODERS)]
     rows: list[dict] = _previous_rows(args.out, plan) if args.append else []
-    for tap, decoder in plan:
+    for tap, decoder, wid in plan:
+        # One features folder per weights id: trained and random stores of a tap live side by side.
+        features = args.work / "features" / _slug(wid)
         extract_features(images, tap, store_path(features, tap), extract)
         minutes = args.minutes if tap == "vgg16/block1" else args.other_minutes
-        rows += _bench(tap, decoder, RECIPES[decoder], minutes, images, features, extract, args)
+        rows += _bench(tap, decoder, wid, RECIPES[decoder], minutes, images, data, features, extract, args)
         _report(rows, args.out)
     return rows
 
 
-def prepared_images(work: Path, data_root: Path, views: int = 8, max_images: int | None = None) -> Path:
-    """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
-    data = DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
+def weights_setting(pairs: list[str], error=None) -> str | dict[str, str]:
+    """``--weights KEY=PATH`` pairs as an ``extract.weights`` setting: ``random``, or a mapping with ``default: random``."""
+    if not pairs:
+        return "random"
+    mapping: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            message = f"--weights {pair!r}: expected KEY=PATH, e.g. vgg16=../shared/weights/vgg16_imagenet_oxford_features.pth"
+            if error is None:
+                raise ValueError(message)
+            error(message)
+        mapping[key] = value
+    return {**mapping, "default": "random"}
+
+
+def data_config(data_root: Path, views: int = 8, max_images: int | None = None) -> DataConfig:
+    """The benchmark's data section: CBSD68 train/val (20 %), CSet14 + CSet5 test, in place."""
+    return DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
                       test_dir=(str(data_root / "CSet14"), str(data_root / "CSet5")),
                       val_fraction=0.2, train_views=views, max_images=max_images)
+
+
+def prepared_images(work: Path, data_root: Path, views: int = 8, max_images: int | None = None) -> Path:
+    """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
     images = work / "images.zarr"
     if not images.exists():
-        prepare_images(data, SEED, images)
+        prepare_images(data_config(data_root, views, max_images), SEED, images)
     return images
 
 
-def _bench(tap, decoder, recipe, minutes, images, features, extract, args) -> list[dict]:
-    run = args.work / "runs" / tap / decoder
+def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, args) -> list[dict]:
+    run = args.work / "runs" / _slug(wid) / tap / decoder
     crop = recipe.feature_crop if recipe.feature_crop and resolve_tap(tap).height > recipe.feature_crop else None
-    cfg = Config(seed=SEED, data=DataConfig(), taps=(tap,), extract=extract, encoder=tap, decoder=decoder,
+    cfg = Config(seed=SEED, data=data, taps=(tap,), extract=extract, encoder=tap, decoder=decoder,
                  train=dataclasses.replace(recipe, max_minutes=minutes, feature_crop=crop))
     result = train_decoder(cfg, images, features, run)
-    base = {"tap": tap, "decoder": decoder, "train_steps": result.train_steps,
+    base = {"tap": tap, "decoder": decoder, "weights": wid, "train_steps": result.train_steps,
             "train_seconds": round(result.train_seconds, 1), "train_minutes_budget": minutes,
             "epochs": result.epochs_run, "decoder_params": result.decoder_params}
     block1 = tap == "vgg16/block1"
     select_steps = args.select_steps if block1 else args.other_select_steps
-    chosen, scores = _select_refinement(result.best_checkpoint, images, features, select_steps)
+    candidates = [REFINE_CANDIDATES[name] for name in args.candidates]
+    chosen, scores = _select_refinement(result.best_checkpoint, images, features, select_steps, candidates,
+                                        args.select_images)
     refine_steps = (args.refine_steps if block1 else args.other_refine_steps) if chosen else 0
     chosen_cfg = {f"refine_{k}": v for k, v in (chosen or {}).items()}
     ecfg = EvaluateConfig(device="cpu", refine=refine_steps, **chosen_cfg)
     m = evaluate_run(result.best_checkpoint, images, features, ecfg, run / "eval.json",
                      run / "eval_per_image.csv", run / "reconstructions.png")
-    only = m.get("decoder_only") or {"psnr": m["psnr"], "ssim": m["ssim"]}
+    assert m["weights"] == wid, (m["weights"], wid)  # the store's weights are the planned ones
+    only = m.get("decoder_only") or {"psnr": m["psnr"], "ssim": m["ssim"],
+                                     "psnr_over_thumbnail": m["psnr_over_thumbnail"]}
+    thumb = next(v["psnr"]["mean"] for k, v in m["baselines"].items() if k.startswith("thumbnail"))
+    refs = {"baselines": m["baselines"], "thumbnail_psnr": thumb}
     rows = [{**base, "refine_steps": 0, "refine_seconds": 0.0, "psnr": only["psnr"]["mean"],
-             "ssim": only["ssim"]["mean"], "refine": "off" if not chosen else "see next row",
-             "refine_selection": scores}]
+             "ssim": only["ssim"]["mean"], "psnr_over_thumbnail": only["psnr_over_thumbnail"],
+             "refine": "off" if not chosen else "see next row", "refine_selection": scores, **refs}]
     if chosen:
         rows.append({**base, "refine_steps": m["refine"]["steps"], "refine_seconds": round(m["refine"]["seconds"], 1),
                      "psnr": m["psnr"]["mean"], "ssim": m["ssim"]["mean"],
-                     "refine": _describe(chosen) + " (chosen on val)"})
+                     "psnr_over_thumbnail": m["psnr_over_thumbnail"],
+                     "refine": _describe(chosen) + " (chosen on val)", **refs})
     return rows
 
 
@@ -161,44 +211,119 @@ def _describe(settings: dict) -> str:
     return text
 
 
-def _select_refinement(checkpoint, images_path, features, steps):
+def _select_refinement(checkpoint, images_path, features, steps, candidates, max_images=None):
     model, meta = load_checkpoint(checkpoint)
     images = ImageStore(images_path)
     stores = _stores_of(meta, features)
     preds, targets = predict_split(model, stores, images, "val", torch.device("cpu"))
-    encoders = [build_encoder(s.spec, "random", WEIGHTS_SEED) for s in stores]
+    # The encoders the stores were extracted with: their weights and input normalisation.
+    encoders = [s.build_encoder("cpu") for s in stores]
     feats = [torch.from_numpy(s.split("val")[:]).float() for s in stores]
-    return choose_refinement(preds, targets, encoders, feats, REFINE_CANDIDATES, steps, decoder=model)
+    if max_images is not None:
+        preds, targets, feats = preds[:max_images], targets[:max_images], [f[:max_images] for f in feats]
+    return choose_refinement(preds, targets, encoders, feats, candidates, steps, decoder=model)
 
 
-def _previous_rows(out: Path, plan: list[tuple[str, str]]) -> list[dict]:
-    """Rows already in ``out`` for (tap, decoder) pairs not in ``plan`` (their provenance kept)."""
-    import json
+def _slug(wid: str) -> str:
+    """A folder name for a weights id (``file:vgg16.pth:sha256=ab…`` → ``file-vgg16.pth-sha256-ab…``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", wid)
 
+
+def _row_key(row: dict) -> tuple[str, str, str]:
+    return row["tap"], row["decoder"], row.get("weights", RANDOM_ID)
+
+
+def _previous_rows(out: Path, plan: list[tuple[str, str, str]]) -> list[dict]:
+    """Rows already in ``out`` for (tap, decoder, weights) not in ``plan`` (their provenance kept).
+
+    Rows from before the ``weights`` field were all measured with random weights; they get it.
+    """
     if not out.is_file():
         return []
-    return [r for r in json.loads(out.read_text()) if (r["tap"], r["decoder"]) not in plan]
+    rows = [{**r, "weights": r.get("weights", RANDOM_ID)} for r in json.loads(out.read_text())]
+    return [r for r in rows if _row_key(r) not in plan]
+
+
+def _setting(wid: str) -> str:
+    kind = f"random encoder weights (seed {WEIGHTS_SEED})" if wid.startswith("random") else f"trained encoder weights {wid}"
+    return f"CBSD68 → CSet14+CSet5, {kind}, normalisation auto, split seed {SEED}"
 
 
 def _report(rows: list[dict], out: Path) -> None:
     info = machine()
     where = f"{info['cpu_count']}-core CPU, torch {info['torch']}, {info['date']}"
-    setting = f"CBSD68 → CSet14+CSet5, random encoder weights (seed {WEIGHTS_SEED}), split seed {SEED}"
     # Rows kept by --append carry the machine line of the run that measured them.
-    write_json(out, [{"machine": where, "benchmark": setting, **r} for r in rows])
-    cols = ["tap", "decoder", "refine_steps", "train_steps", "train_seconds", "psnr", "ssim", "refine"]
-    print(table(rows, cols, {"psnr": ".2f", "ssim": ".4f"}), flush=True)
-    # Per tap: the decoder with the best decoder-only PSNR, and that same run refined (or "off").
+    write_json(out, [{"machine": where, "benchmark": _setting(r["weights"]), **r} for r in rows])
+    cols = ["tap", "decoder", "weights", "refine_steps", "train_steps", "train_seconds", "psnr", "ssim",
+            "thumbnail_psnr", "psnr_over_thumbnail", "refine"]
+    print(table(rows, cols, {"psnr": ".2f", "ssim": ".4f", "thumbnail_psnr": ".2f", "psnr_over_thumbnail": "+.2f"}),
+          flush=True)
+    random_rows = [r for r in rows if r["weights"].startswith("random")]
+    if random_rows:
+        depth_figure(_best_per_tap(random_rows), out.with_name("psnr_by_tap.png"),
+                     title="CSet14+CSet5 test PSNR per tap (random weights)")
+    if len(random_rows) < len(rows):
+        trained_figure(rows, out.with_name("psnr_by_depth_trained.png"))
+
+
+def _best_per_tap(rows: list[dict]) -> list[dict]:
+    """Per tap: the decoder with the best decoder-only PSNR, and that same run refined (or None)."""
     per_tap: dict[str, dict] = {}
     for r in rows:
         if r["refine_steps"] == 0 and r["psnr"] > per_tap.get(r["tap"], {}).get("psnr_decoder", float("-inf")):
-            per_tap[r["tap"]] = {"tap": r["tap"], "decoder": r["decoder"], "psnr_decoder": r["psnr"], "psnr_refined": None}
+            per_tap[r["tap"]] = {"tap": r["tap"], "decoder": r["decoder"], "psnr_decoder": r["psnr"],
+                                 "psnr_refined": None, "thumbnail_psnr": r.get("thumbnail_psnr")}
     for r in rows:
-        best = per_tap[r["tap"]]
-        if r["refine_steps"] > 0 and r["decoder"] == best["decoder"]:
+        best = per_tap.get(r["tap"])
+        if best and r["refine_steps"] > 0 and r["decoder"] == best["decoder"]:
             best["psnr_refined"] = r["psnr"]
-    depth_figure(list(per_tap.values()), out.with_name("psnr_by_tap.png"),
-                 title="CSet14+CSet5 test PSNR per tap (random weights)")
+    return list(per_tap.values())
+
+
+def trained_figure(rows: list[dict], out: Path) -> Path:
+    """PSNR by depth, one panel per encoder: trained vs random weights, decoder-only vs refined, and the thumbnail.
+
+    Each point is a tap's best decoder-only run (by test PSNR) and that run refined; the dashed
+    line is the thumbnail at the tap's grid (an ideal h×w colour summary; no features needed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {}
+    for r in rows:
+        families.setdefault(r["tap"].rsplit("/", 1)[0], []).append(r)
+    trained = [f for f in families if any(not r["weights"].startswith("random") for r in families[f])]
+    fig, axes = plt.subplots(1, len(trained), figsize=(5.5 * len(trained), 4.2), dpi=120, squeeze=False)
+    for ax, family in zip(axes[0], trained):
+        taps = sorted({r["tap"] for r in families[family]}, key=lambda t: (-resolve_tap(t).height, t))
+        x = {t: i for i, t in enumerate(taps)}
+        thumbs = {r["tap"]: r["thumbnail_psnr"] for r in families[family] if r.get("thumbnail_psnr") is not None}
+        for kind, colour in (("trained", "tab:blue"), ("random", "tab:grey")):
+            subset = [r for r in families[family] if r["weights"].startswith("random") == (kind == "random")]
+            best = sorted(_best_per_tap(subset), key=lambda b: x[b["tap"]])
+            if not best:
+                continue
+            ax.plot([x[b["tap"]] for b in best], [b["psnr_decoder"] for b in best], "o-", color=colour,
+                    label=f"{kind} weights, decoder only")
+            ref = [b for b in best if b["psnr_refined"] is not None]
+            ax.plot([x[b["tap"]] for b in ref], [b["psnr_refined"] for b in ref], "s--", color=colour, mfc="none",
+                    label=f"{kind} weights, refined (chosen on val)")
+        ts = [t for t in taps if t in thumbs]
+        ax.plot([x[t] for t in ts], [thumbs[t] for t in ts], ":", color="tab:red", lw=2,
+                label="thumbnail at the tap's grid")
+        ax.set_xticks(range(len(taps)), [f"{t.rsplit('/', 1)[1]}\n{resolve_tap(t).height}²" for t in taps])
+        ax.set_title(family.removeprefix("timm:"))
+        ax.set_ylabel("CSet14+CSet5 test PSNR (dB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("PSNR by depth: ImageNet-trained vs random encoder weights")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
