@@ -311,8 +311,8 @@ def trained_figure(rows: list[dict], out: Path) -> Path:
             ax.plot([x[b["tap"]] for b in ref], [b["psnr_refined"] for b in ref], "s--", color=colour, mfc="none",
                     label=f"{kind} weights, refined (chosen on val)")
         ts = [t for t in taps if t in thumbs]
-        ax.plot([x[t] for t in ts], [thumbs[t] for t in ts], ":", color="tab:red", lw=2,
-                label="thumbnail at the tap's grid")
+        ax.plot([x[t] for t in ts], [thumbs[t] for t in ts], ":", color="tab:red", lw=2, marker="_", ms=18, mew=2,
+                label="thumbnail at the tap's grid (no features)")
         ax.set_xticks(range(len(taps)), [f"{t.rsplit('/', 1)[1]}\n{resolve_tap(t).height}²" for t in taps])
         ax.set_title(family.removeprefix("timm:"))
         ax.set_ylabel("CSet14+CSet5 test PSNR (dB)")

@@ -55,3 +55,61 @@ def test_refine_probe_refines_noisy_true_images_towards_the_clean_ones(tmp_path)
     assert row["tap"] == "vgg16/block1" and row["steps"] == 3 and row["images"] == 1
     assert row["feature_loss_refined"] < row["feature_loss_start"]
     assert row["psnr_refined"] > row["psnr_start"]
+
+
+def test_gpu_benchmark_dry_run_writes_every_section(tmp_path):
+    """`python -m benchmarks.gpu --dry`: the GPU benchmark's every section, on the CPU at toy sizes."""
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    gpu.main(["--dry", "--out", str(out), "--work", str(tmp_path / "work")])
+
+    result = json.loads(out.read_text())
+    assert result["errors"] == [], {n: result["sections"][n].get("error") for n in result["errors"]}
+    assert set(result["sections"]) == set(gpu.SECTIONS)
+    env = result["environment"]
+    assert env["device"] == "cpu" and env["torch"] and "cuda" in env and "gpu" in env
+    sections = result["sections"]
+    startup = sections["startup"]
+    assert _positive(startup["cell_wall_seconds"]) and _positive(startup["import_seconds"]["torch"])
+    assert all(_positive(r["images_per_s"]) for r in sections["extract"]["rows"])
+    for row in sections["train"]["rows"]:
+        assert all(_positive(row[f"cache_speedup_{p}"]) for p in gpu.PRECISIONS)
+    (loader,) = sections["loader"]["rows"]
+    assert _positive(loader["ram_headroom"]) and _positive(loader["stream_1_threads_samples_per_s"])
+    study = sections["study"]
+    assert study["runs"] == 44 and study["measured_runs"] == 1 and study["extrapolated"] is True
+    assert _positive(study["featinv_hours"]) and _positive(study["published_over_featinv"])
+    assert len(study["extract_seconds_per_tap"]) == 8
+    (limit,) = sections["limit"]["rows"]
+    for key in ("achieved", "limit_timed", "limit_flops", "achieved_over_limit_timed", "achieved_over_limit_flops"):
+        assert _positive(limit[key]), key
+    assert limit["limit_flops"] > 1 and limit["gflop_encoder_per_sample"] > 1  # VGG-16 block1: ~3.9 GFLOP
+    assert "skipped" in sections["compile"]  # CUDA only
+
+
+def test_quality_weights_flag_and_rows_keyed_by_weights(tmp_path):
+    """`--weights KEY=PATH` becomes a per-family weights mapping; --append keys rows by (tap, decoder, weights)."""
+    from benchmarks import quality
+    from featinv.taps import resolve_tap, weights_id
+
+    assert quality.weights_setting([]) == "random"
+    vgg = tmp_path / "vgg.pth"
+    vgg.write_bytes(b"not really weights")
+    setting = quality.weights_setting([f"vgg16={vgg}"])
+    assert setting == {"vgg16": str(vgg), "default": "random"}
+    trained = weights_id(resolve_tap("vgg16/block1"), setting, quality.WEIGHTS_SEED)
+    assert trained.startswith("file:vgg.pth:sha256=")
+    assert weights_id(resolve_tap("resnet34/layer1"), setting, quality.WEIGHTS_SEED) == quality.RANDOM_ID
+    try:
+        quality.weights_setting(["vgg16"])
+    except ValueError as exc:
+        assert "KEY=PATH" in str(exc)
+    else:
+        raise AssertionError("a --weights value without '=' was accepted")
+
+    out = tmp_path / "quality.json"
+    old = {"tap": "vgg16/block1", "decoder": "local_mlp", "psnr": 34.6}  # a row from before `weights`
+    out.write_text(json.dumps([old, {**old, "weights": trained, "psnr": 30.0}]))
+    kept = quality._previous_rows(out, [("vgg16/block1", "local_mlp", trained)])
+    assert kept == [{**old, "weights": quality.RANDOM_ID}]
