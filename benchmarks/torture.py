@@ -42,9 +42,10 @@ evaluate: {device: cpu, grid_images: 2}
 STAGES = {
     "prepare": ["prepare", "--out", "images.zarr"],
     "extract": ["extract", "--images", "images.zarr", "--features", "features"],
-    "train": ["train", "--images", "images.zarr", "--features", "features", "--out", "run"],
+    "train": ["train", "--images", "images.zarr", "--features", "features", "--out", "data/train"],
 }
-OUTPUT = {"prepare": "images.zarr", "extract": "features/vgg16/block1.zarr", "train": "run/best.pt"}
+# data/train/best.pt: the checkpoint `featinv evaluate` picks by default, and checks strictly.
+OUTPUT = {"prepare": "images.zarr", "extract": "features/vgg16/block1.zarr", "train": "data/train/best.pt"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,7 +98,7 @@ def _kill_and_resume(project: Path, stage: str, delay: float, reference: str) ->
     _remove(output)
     _remove(output.with_name(output.name + ".partial"))
     if stage == "train":
-        _remove(project / "run")
+        _remove(project / "data" / "train")
         _run(project, "train", extra=["-S", "decoder=wavelet", "-S", "train.epochs=1"])  # a previous, other run
     proc = subprocess.Popen([sys.executable, "-m", "featinv.cli", *STAGES[stage]], cwd=project,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
