@@ -69,8 +69,12 @@ class ExtractReport:
 
 
 def store_path(features_dir: str | Path, tap: str) -> Path:
-    """``<features_dir>/<tap>.zarr`` (a tap ``vgg16/block1`` nests one folder)."""
-    return Path(features_dir) / f"{tap.replace(':', '_')}.zarr"
+    """``<features_dir>/<tap>.zarr`` (a tap ``vgg16/block1`` nests one folder).
+
+    The tap name is used as it is — ``timm:convnext_tiny/stages.0`` keeps its colon — because
+    dvc.yaml's extract stages write ``data/features/${item}.zarr`` and DVC cannot rewrite names.
+    """
+    return Path(features_dir) / f"{tap}.zarr"
 
 
 def expected_fingerprint(spec: TapSpec, cfg: ExtractConfig, images: ImageStore) -> dict:

@@ -112,3 +112,10 @@ def test_disk_full_during_extraction_is_one_clear_error_and_resumable(tiny_image
     monkeypatch.setattr(fs._Writer, "put", real_put)
     report = extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
     assert report.computed == 16 - 8  # the two batches written before the disk filled are kept
+
+
+def test_store_paths_are_the_ones_dvc_yaml_writes():
+    # dvc.yaml: `--out data/features/${item}.zarr` for every tap in `taps`, timm taps included.
+    assert store_path("data/features", "vgg16/block1").as_posix() == "data/features/vgg16/block1.zarr"
+    assert (store_path("data/features", "timm:tf_efficientnet_lite0/blocks.2").as_posix()
+            == "data/features/timm:tf_efficientnet_lite0/blocks.2.zarr")
