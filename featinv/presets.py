@@ -16,6 +16,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "paper": {
         "data.source": "div2k",
         "extract.weights": "imagenet",
+        # The published study fed every encoder ImageNet mean/std, ViT-S (trained with 0.5/0.5) too.
+        "extract.normalisation": "imagenet",
         "train.loss.mse": 0.5,
         "train.loss.lpips": 0.5,
         "train.lr": 0.0001,

@@ -33,6 +33,7 @@ def test_paper_preset():
     preset = json.loads(result.stdout)
     assert preset["train.loss.lpips"] == 0.5 and preset["data.source"] == "div2k"
     assert preset["extract.weights"] == "imagenet" and preset["train.epochs"] == 30
+    assert preset["extract.normalisation"] == "imagenet"  # the published study's, for every encoder
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
