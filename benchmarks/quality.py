@@ -43,12 +43,12 @@ from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, Lo
 from featinv.evaluate import _stores_of, evaluate_run, predict_split
 from featinv.feature_store import extract_features, store_path
 from featinv.image_store import ImageStore, prepare_images
-from featinv.model import load_checkpoint
+from featinv.model import check_checkpoint, load_checkpoint
 from featinv.presets import PRESETS, preset_overrides
 from featinv.refine import choose_refinement
 from featinv.study import depth_figure
 from featinv.taps import resolve_tap, weights_id
-from featinv.train import train_decoder
+from featinv.train import TrainResult, train_decoder
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--weights", action="append", default=[], metavar="KEY=PATH",
                    help="trained weights for a family (vgg16), a timm model (timm:tf_efficientnet_lite0) or a "
                         "tap; repeatable; every other tap keeps seeded random weights")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a finished run's checkpoint (same params) instead of training again: re-choose "
+                        "and re-run only the refinement (e.g. with more steps)")
     p.add_argument("--views", type=int, default=8, help="cached augmented views per training image")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
@@ -171,7 +174,11 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
     crop = recipe.feature_crop if recipe.feature_crop and resolve_tap(tap).height > recipe.feature_crop else None
     cfg = Config(seed=SEED, data=data, taps=(tap,), extract=extract, encoder=tap, decoder=decoder,
                  train=dataclasses.replace(recipe, max_minutes=minutes, feature_crop=crop))
-    result = train_decoder(cfg, images, features, run)
+    result = _finished_run(run, cfg) if args.reuse else None
+    if result is None:
+        result = train_decoder(cfg, images, features, run)
+    else:
+        log.info("%s: reusing the finished run's checkpoint (--reuse); only refinement and evaluation re-run", run)
     base = {"tap": tap, "decoder": decoder, "weights": wid, "train_steps": result.train_steps,
             "train_seconds": round(result.train_seconds, 1), "train_minutes_budget": minutes,
             "epochs": result.epochs_run, "decoder_params": result.decoder_params}
@@ -199,6 +206,20 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
                      "psnr_over_thumbnail": m["psnr_over_thumbnail"],
                      "refine": _describe(chosen) + " (chosen on val)", **refs})
     return rows
+
+
+def _finished_run(run: Path, cfg: Config) -> TrainResult | None:
+    """The finished run in ``run`` trained with ``cfg``'s params (budget aside), or None."""
+    best = run / "best.pt"
+    if not best.is_file():
+        return None
+    _, meta = load_checkpoint(best)
+    wanted = dataclasses.asdict(cfg)
+    if not meta.get("finished") or check_checkpoint(best, meta, {**wanted, "train": meta["config"]["train"]}):
+        return None
+    fields = meta["train_result"]
+    return TrainResult(**{**fields, "best_checkpoint": Path(fields["best_checkpoint"]),
+                          "last_checkpoint": Path(fields["last_checkpoint"])})
 
 
 def _describe(settings: dict) -> str:
