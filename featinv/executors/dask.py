@@ -266,6 +266,8 @@ def _run_on_cluster(client, distributed, plan: StagePlan, snapshot: ProjectSnaps
             if future.status == "finished":
                 done[stage] = result = future.result()
                 _record(request.root, result)
+            elif future.status == "cancelled":  # the scheduler dropped it (client or cluster shut down)
+                failed[stage] = "cancelled"
             else:
                 failed[stage] = _failure(request.root, stage, future.exception(), distributed)
                 if failed[stage].startswith("skipped"):

@@ -66,7 +66,8 @@ def _tiny(params: dict) -> None:
     params["taps"] = TAPS
     params["data"].update(max_images=6, train_views=1)
     params["study"].update(taps=TAPS, decoders=DECODERS, fusions=[], epochs=1, samples_per_epoch=4)
-    params["study"].setdefault("max_minutes", None)
+    params["study"].setdefault("max_minutes", None)  # params that dvc.yaml lists, in case params.yaml lags behind
+    params["extract"].setdefault("normalisation", "auto")
     params["evaluate"].update(grid_images=1)
 
 
