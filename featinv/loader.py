@@ -4,19 +4,26 @@ The encoder never runs here.  A split's features are loaded into RAM once when
 they fit ``ram_cache_gb`` (reading is then free); otherwise each batch is read
 with one orthogonal selection per store on a background thread, so chunk
 decompression overlaps the training step.
+
+For a CUDA ``device`` a batch leaves the loader on the device: it is read on the
+background thread (RAM-cached splits too), kept as float16 features and uint8 pixels
+in page-locked memory, copied on a side stream with ``non_blocking`` and converted to
+float32 on the GPU (:mod:`featinv.precision`).  On the CPU nothing of that happens.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import logging
-import queue
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from featinv import precision
 
 __all__ = ["FeatureBatches", "FeatureCrop"]
 
@@ -56,10 +63,14 @@ class FeatureBatches:
         drop_last: drop a final incomplete batch (keeps BatchNorm statistics sane).
         crop: cut one random feature window per sample (see :class:`FeatureCrop`), in
             float16 before conversion, so small windows cost little to load.
+        device: where the batches are delivered; CUDA gets pinned, asynchronous copies
+            (see the module docstring), anything else CPU tensors as before.
+        read_threads: background threads reading batches (in order); more than one lets
+            several batches decompress at once when streaming feeds a fast GPU.
 
     Yields:
         ``feats``: a list of float32 tensors (B, C, h, w), one per encoder;
-        ``pixels01``: float32 (B, 3, H, W) in [0, 1].
+        ``pixels01``: float32 (B, 3, H, W) in [0, 1]; both on ``device``.
     """
 
     def __init__(
@@ -73,6 +84,8 @@ class FeatureBatches:
         samples_per_epoch: int | None = None,
         drop_last: bool = False,
         crop: FeatureCrop | None = None,
+        device: torch.device | str | None = None,
+        read_threads: int = 1,
     ) -> None:
         n = int(pixel_array.shape[0])
         for arr in feature_arrays:
@@ -86,6 +99,9 @@ class FeatureBatches:
         self.seed = seed
         self.drop_last = drop_last and self.per_epoch > batch_size
         self.epoch = 0
+        self.device = torch.device("cpu" if device is None else device)
+        self.read_threads = read_threads
+        self._copy: precision.DeviceCopy | None = None  # made on first use (needs CUDA)
         feature_bytes = sum(int(np.prod(a.shape[1:])) * 2 * self.n for a in feature_arrays)
         self.in_ram = feature_bytes <= ram_cache_gb * 2**30
         if self.in_ram:
@@ -107,6 +123,7 @@ class FeatureBatches:
         view = copy.copy(self)
         view.crop, view.shuffle, view.per_epoch, view.drop_last = None, False, self.n, False
         view.batch_size = batch_size
+        view.device = torch.device("cpu")  # closed-form warm starts run on the CPU
         return view
 
     def _order(self) -> np.ndarray:
@@ -131,8 +148,14 @@ class FeatureBatches:
             pixels = self.pixels[index]
         else:
             feats, pixels = self._cut(arrays, rows, index, windows[order])
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        return [torch.from_numpy(f).float() for f in feats], pixels.float().div_(255.0)
+        if self.device.type == "cuda":  # float16/uint8 to the device; float32 is made there (_arrive)
+            return self._copy.send([precision.pinned(f) for f in feats] + [precision.pinned(pixels)])
+        return _float_batch([torch.from_numpy(f) for f in feats], torch.from_numpy(pixels))
+
+    def _arrive(self, sent) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A batch ``_read`` sent to CUDA, usable on the current stream, as float32."""
+        *feats, pixels = self._copy.receive(*sent)
+        return _float_batch(feats, pixels)
 
     def _cut(self, arrays, rows: np.ndarray, index: np.ndarray, windows: np.ndarray):
         """Each sample's window of features (with context margin) and the pixels under its centre.
@@ -177,43 +200,51 @@ class FeatureBatches:
                    for i in starts]
         if self.drop_last and len(batches[-1][0]) < self.batch_size:
             batches.pop()
+        if self.device.type == "cuda":  # every batch through the background thread(s), then onto the GPU
+            if self._copy is None:
+                self._copy = precision.DeviceCopy(self.device)
+            stream = _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+            try:
+                for sent in stream:
+                    yield self._arrive(sent)
+            finally:
+                stream.close()
+            return
         if self.in_ram and self.crop is None:  # whole maps from RAM: reading is a cheap slice
             for index, corners in batches:
                 yield self._read(index, corners)
             return
         # Streaming reads, or window gathers: on a background thread, overlapping the step.
-        yield from _prefetched(lambda batch: self._read(*batch), batches)
+        yield from _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
 
 
-def _prefetched(read, batches: list[np.ndarray]) -> Iterator:
-    """Run ``read`` over ``batches`` on a background thread, a few batches ahead."""
-    ready: queue.Queue = queue.Queue(maxsize=_PREFETCH)
-    stop = threading.Event()
+def _float_batch(feats: list[torch.Tensor], pixels_nhwc: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """float16 features → float32; uint8 (B, H, W, 3) pixels → float32 (B, 3, H, W) in [0, 1].
 
-    def work() -> None:
-        try:
-            for index in batches:
-                if stop.is_set():
-                    return
-                ready.put(("ok", read(index)))
-        except BaseException as exc:  # re-raised in the consumer
-            ready.put(("error", exc))
-        ready.put(("done", None))
+    Feature maps come out channels_last, converted and transposed in one pass: the layout the
+    training step hands decoders (``featinv.train.decoder_inputs``), which otherwise costs a
+    second pass over the batch.
+    """
+    return ([f.to(dtype=torch.float32, memory_format=torch.channels_last) if f.dim() == 4 else f.float()
+             for f in feats], pixels_nhwc.permute(0, 3, 1, 2).float().div_(255.0))
 
-    thread = threading.Thread(target=work, name="featinv-loader", daemon=True)
-    thread.start()
+
+def _prefetched(read: Callable, batches: list, threads: int = 1) -> Iterator:
+    """``read`` of each of ``batches``, in order, computed on ``threads`` background threads a few batches ahead.
+
+    An exception in ``read`` is raised here, in the consumer; closing the iterator stops the
+    reading (a read in progress finishes first).
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featinv-loader")
+    pending: collections.deque = collections.deque()
     try:
-        while True:
-            kind, item = ready.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
+        for batch in batches:
+            pending.append(pool.submit(read, batch))
+            if len(pending) > _PREFETCH + threads - 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
     finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                ready.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)

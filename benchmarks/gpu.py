@@ -1,0 +1,947 @@
+"""GPU benchmark: featinv on one GPU at full speed, and the study at DIV2K scale.
+
+Seven sections, each written into the JSON as soon as it is done, so a run that is cut
+short still leaves its data; ``--budget-seconds`` caps the whole run (a section that would
+start after it is recorded as skipped, and the study stops timing cells and extrapolates).
+
+1. ``startup``: a study cell's fixed cost. Fresh processes time what importing
+   ``pipeline.study_run`` costs (torch, featinv's training and evaluation modules, the
+   rest), what ``torch._dynamo`` adds (every ``Adam.step`` imports it) and CUDA's
+   initialisation; then one whole tiny cell (``python -m pipeline.study_run``) is timed.
+2. ``extract``: encoder forward images/s for vgg16/block1, vgg16/block3 and
+   vit_small/block3, float32 vs bf16 autocast, at several batch sizes; plus what the
+   library's ``extract_features`` achieves (compression and writes included).
+3. ``train``: training samples/s from the cache vs with the encoder in the loop, for
+   transposed_conv and local_mlp on vgg16/block1 and vgg16/block3, float32 vs bf16 (and
+   bf16 without the loss's per-step host sync, to show what that sync costs).
+4. ``loader``: samples/s ``FeatureBatches`` delivers onto the device (streaming with one
+   and several read threads; RAM-cached) ÷ samples/s the bf16 training step consumes.
+5. ``study``: the 44 cells of params.yaml's study at DIV2K scale (2,560 cached training
+   views, 160 val, 100 test; 30 epochs; loader mode as ``train.ram_cache_gb`` would pick
+   there) on synthetic pixels: every cell timed for a few hundred steps and extrapolated,
+   plus the 8 extractions of 2,820 images, against the published study's 18 GPU-hours.
+6. ``limit``: per tap, the cache speedup's physical limit — (encoder forward + decoder
+   step) ÷ decoder step, from per-part timings and from counted FLOPs — next to the
+   speedup achieved, all measured in one interleaved loop; reports achieved ÷ limit.
+7. ``compile``: ``torch.compile`` vs eager for the bf16 step (CUDA only): compilation
+   seconds, steady rates, and the steps a study cell needs before it pays.
+
+    python -m benchmarks.gpu            # on a GPU: ≤ 8 min on one H100 → benchmarks/results/gpu.json
+    python -m benchmarks.gpu --dry      # CPU, toy sizes: the CI smoke test
+    python -m benchmarks.gpu --plan cpu --sections startup,limit --out benchmarks/results/gpu_cpu.json
+
+Encoder weights are random (seed 0; ImageNet weights cost the same time). The
+precisions compared in ``extract`` and ``train`` are explicit autocast settings (on the
+CPU, bf16 is CPU autocast: the measurement behind keeping float32 there); the study,
+``limit`` and ``compile`` use featinv's own policy (``featinv.precision``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import run
+from benchmarks.common import RESULTS, WORK, machine, table, write_json
+from featinv import precision
+from featinv.config import Config, DataConfig, ExtractConfig, LossConfig, load_params
+from featinv.feature_store import FeatureStore, store_path
+from featinv.image_store import ImageStore
+from featinv.loader import FeatureBatches
+from featinv.losses import ReconstructionLoss
+from featinv.study import plan_runs
+from featinv.taps import TapEncoder, resolve_tap
+from featinv.train import decoder_inputs, run_taps
+
+__all__ = ["Plan", "GPU", "CPU", "DRY", "SECTIONS", "main"]
+
+log = logging.getLogger("benchmarks.gpu")
+
+# The published protocol at DIV2K scale.
+DIV2K_TRAIN = 2_560  # 640 training images × 4 cached views
+DIV2K_VAL = 160
+DIV2K_TEST = 100
+DIV2K_IMAGES = DIV2K_TRAIN + DIV2K_VAL + DIV2K_TEST  # 2,820: what each tap's extraction runs over
+EPOCHS = 30
+PUBLISHED_GPU_HOURS = 18.0  # RTX 6000 Ada, encoder recomputed at every step
+CELL_STEPS = EPOCHS * DIV2K_TRAIN // run.BATCH  # training steps of one study cell
+
+SECTIONS = ("startup", "extract", "train", "loader", "study", "limit", "compile")
+PRECISIONS = ("fp32", "bf16")
+SYNTHETIC_SIDE = 256  # = data.resize: the images need no resizing
+CHILD_TIMEOUT = 300  # seconds for one start-up child process
+# Where a study cell's seconds go: (path suffix, function) → label, read from its cProfile.
+PROFILED = {
+    ("pipeline/common.py", "run"): "stage main (all but module imports)",
+    ("torch/_dynamo/__init__.py", "<module>"): "import torch._dynamo (first Adam)",
+    ("featinv/train.py", "open_feature_stores"): "open feature stores",
+    ("featinv/loader.py", "__init__"): "FeatureBatches set-up (RAM load)",
+    ("featinv/train.py", "train_decoder"): "train_decoder",
+    ("featinv/train.py", "_validate"): "validation",
+    ("featinv/model.py", "save_checkpoint"): "save_checkpoint",
+    ("featinv/train.py", "_annotate"): "re-save best.pt (_annotate)",
+    ("featinv/evaluate.py", "evaluate_run"): "evaluate_run",
+    ("featinv/model.py", "load_checkpoint"): "load_checkpoint",
+    ("featinv/metrics.py", "__init__"): "LPIPS metric set-up",
+    ("featinv/metrics.py", "image_metrics"): "PSNR/SSIM",
+    ("featinv/evaluate.py", "_write_grid"): "comparison grid PNG",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much one run measures."""
+
+    name: str
+    train_images: int  # synthetic training images (a fifth become val), train_views views each
+    test_images: int
+    train_views: int
+    batch: int  # training batch size (the published 4)
+    extract_batch: int  # extract_features' batch size for the benchmark's stores
+    extract_taps: tuple[str, ...]
+    extract_batches: tuple[int, ...]  # forward batch sizes timed in `extract`
+    extract_rounds: int  # timed batches per setting
+    train_taps: tuple[str, ...]
+    train_decoders: tuple[str, ...]
+    warmup: int  # untimed steps per path
+    steps: int  # timed steps per path
+    block: int  # consecutive steps between device syncs (1: every step timed on its own)
+    loader_taps: tuple[str, ...]
+    loader_threads: tuple[int, ...]  # read threads tried when streaming
+    loader_min_batches: int
+    study_steps: int  # timed steps per study cell, at most
+    study_cell_seconds: float  # and at most this many timed seconds
+    study_cells: int | None  # None: every cell
+    limit_taps: tuple[str, ...] | None  # None: every study tap
+    limit_steps: int
+    compile_cases: tuple[tuple[str, str], ...]  # (tap, decoder)
+    budget_seconds: float
+    startup_profile: bool = True  # time the tiny cell a second time under cProfile, for the breakdown
+
+
+GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH, extract_batch=256,
+           extract_taps=("vgg16/block1", "vgg16/block3", "vit_small/block3"), extract_batches=(16, 64, 256),
+           extract_rounds=10, train_taps=("vgg16/block1", "vgg16/block3"),
+           train_decoders=("transposed_conv", "local_mlp"), warmup=10, steps=100, block=10,
+           loader_taps=("vgg16/block1", "vgg16/block3"), loader_threads=(1, 4), loader_min_batches=128,
+           study_steps=200, study_cell_seconds=3.0, study_cells=None, limit_taps=None, limit_steps=60,
+           compile_cases=(("vgg16/block1", "transposed_conv"), ("vgg16/block1", "local_mlp")),
+           budget_seconds=450)
+# The CPU's own figures (start-up, achieved vs limit): the same sections, sized for 2 cores.
+CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extract_batch=8, extract_batches=(4, 16),
+                          extract_rounds=2, warmup=2, steps=6, block=1, loader_taps=("vgg16/block1",),
+                          loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
+                          limit_steps=8, compile_cases=(), budget_seconds=1800)
+DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
+                          extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
+                          train_taps=("vgg16/block1",), train_decoders=("transposed_conv",), warmup=1, steps=1, loader_min_batches=4, study_steps=1,
+                          study_cells=1, limit_taps=("vgg16/block1",), limit_steps=2, budget_seconds=240,
+                          startup_profile=False)
+PLANS = {p.name: p for p in (GPU, CPU, DRY)}
+
+
+class _Amp(nn.Module):
+    """``model``'s forward under ``context()``, its output in float32 (losses and metrics see that)."""
+
+    def __init__(self, model: nn.Module, context: Callable[[], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        self.model = model
+        self.context = context
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        with self.context():
+            out = self.model(feats)
+        return precision.float32(out)
+
+
+class _Trainer:
+    """One training path: a fresh (seeded) model, Adam, a loader, and where the model's inputs come from.
+
+    ``inputs_of(feats, pixels01)`` gives the decoder's inputs: the cached features, or the
+    encoders' output on the pixels.  ``step()`` is the step of ``benchmarks.run`` (decoder
+    forward, loss, backward, Adam) and returns the samples it trained on.
+    """
+
+    def __init__(self, specs, decoder: str, fusion: str | None, batches, inputs_of: Callable, context: Callable,
+                 device: torch.device, criterion: nn.Module | None = None, compile_model: bool = False) -> None:
+        model = run._fresh_model(specs, decoder, fusion, device)
+        self.model = _Amp(precision.compiled(model, device, compile_model), context).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=run.LR)
+        self.criterion = criterion or ReconstructionLoss(LossConfig(mse=1.0)).to(device)
+        self.batches, self.inputs_of, self.device = batches, inputs_of, device
+        self.stream = run._cycle(batches)
+
+    def step(self) -> int:
+        feats, pixels01 = next(self.stream)
+        pixels01 = pixels01.to(self.device, non_blocking=True)
+        run._train_step(self.model, self.optimizer, self.criterion, self.inputs_of(feats, pixels01), pixels01)
+        return pixels01.shape[0]
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class _Stores:
+    """The benchmark's feature stores, each extracted on first use by the library (and timed)."""
+
+    def __init__(self, images: Path, work: Path, cfg: ExtractConfig, device: torch.device) -> None:
+        self.images, self.dir, self.cfg, self.device = images, work / "features", cfg, device
+        self.reports: dict[str, dict] = {}
+        self.encoders: dict[str, TapEncoder] = {}
+
+    def get(self, tap: str) -> FeatureStore:
+        if tap not in self.reports:
+            log.info("extracting %s (%d images, batch %d)", tap, sum(run._counts(self.images).values()),
+                     self.cfg.batch_size)
+            row, encoder = run.extraction_overhead(self.images, tap, store_path(self.dir, tap), self.cfg, self.device)
+            self.reports[tap], self.encoders[tap] = row, precision.channels_last(encoder, self.device)
+        return FeatureStore(store_path(self.dir, tap))
+
+    def encoder(self, tap: str) -> TapEncoder:
+        self.get(tap)
+        return self.encoders[tap]
+
+
+@dataclasses.dataclass
+class _Context:
+    """What every section gets."""
+
+    plan: Plan
+    params: Config
+    data: DataConfig  # what `images` was prepared from
+    images: Path
+    stores: _Stores
+    device: torch.device
+    work: Path
+    deadline: float
+    sections: dict  # results so far (the loader reads the training rates)
+    save: Callable[[], None]  # writes the JSON as it stands
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry", action="store_true", help="CPU, toy sizes (the CI smoke test); same as --plan dry")
+    p.add_argument("--plan", choices=sorted(PLANS), help="sizes (default: gpu on CUDA, else cpu)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--budget-seconds", type=float, help="stop starting work after this long (default: the plan's)")
+    p.add_argument("--work", type=Path, default=WORK / "gpu", help="scratch dir for images, stores and runs")
+    p.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("featinv").setLevel(logging.WARNING)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and not args.dry
+                                                               and torch.cuda.is_available()) else "cpu")
+    plan = PLANS["dry" if args.dry else args.plan or ("gpu" if device.type == "cuda" else "cpu")]
+    budget = args.budget_seconds if args.budget_seconds is not None else plan.budget_seconds
+    start = time.perf_counter()
+    deadline = start + budget
+    precision.setup(device)
+    result = {
+        "command": " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if argv is None else argv)]),
+        "plan": dataclasses.asdict(plan),
+        "environment": _environment(device),
+        "budget_seconds": budget,
+        "sections": {},
+    }
+
+    def save() -> None:
+        result["elapsed_seconds"] = time.perf_counter() - start
+        result["environment"]["loadavg_end"] = list(os.getloadavg())
+        write_json(args.out, run._rounded(result))
+
+    params = load_params(run.REPO / "params.yaml")
+    data = _synthetic_data(plan, args.work)
+    images = run._prepared(data, args.work)
+    result["counts"] = run._counts(images)
+    stores = _Stores(images, args.work, ExtractConfig(weights="random", weights_seed=run.WEIGHTS_SEED,
+                                                      device=str(device), batch_size=plan.extract_batch), device)
+    context = _Context(plan, params, data, images, stores, device, args.work, deadline, result["sections"], save)
+    for name in sections:
+        if time.perf_counter() > deadline:
+            result["sections"][name] = {"skipped": f"the {budget:.0f} s budget was spent"}
+            log.warning("skipping %s: budget spent", name)
+            continue
+        log.info("== %s (%.0f s left)", name, deadline - time.perf_counter())
+        t0 = time.perf_counter()
+        try:
+            result["sections"][name] = SECTION_FUNCTIONS[name](context)
+        except Exception as exc:  # recorded and reported; the other sections still run
+            log.error("section %s failed:\n%s", name, traceback.format_exc())
+            result["sections"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                        "traceback": traceback.format_exc()[-3000:]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        result["sections"][name]["section_seconds"] = time.perf_counter() - t0
+        save()
+    result["stores"] = stores.reports
+    result["errors"] = [n for n, s in result["sections"].items() if "error" in s]
+    save()
+    log.info("wrote %s (%.0f s)", args.out, time.perf_counter() - start)
+    return result
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+def startup_section(ctx: _Context) -> dict:
+    """A study cell's fixed cost: imports, torch._dynamo, CUDA initialisation, and one whole tiny cell."""
+    device = ctx.device
+    probe = (
+        "import json, time\n"
+        "t = [time.perf_counter()]\n"
+        "import torch; t.append(time.perf_counter())\n"
+        "import skimage.metrics._structural_similarity; t.append(time.perf_counter())\n"
+        "from skimage.metrics import peak_signal_noise_ratio; t.append(time.perf_counter())\n"
+        "import featinv.train; t.append(time.perf_counter())\n"
+        "import featinv.evaluate; t.append(time.perf_counter())\n"
+        "import pipeline.study_run; t.append(time.perf_counter())\n"
+        "import torch._dynamo; t.append(time.perf_counter())\n"
+        f"if {device.type == 'cuda'}:\n"
+        "    torch.zeros(1, device='cuda'); torch.cuda.synchronize()\n"
+        "t.append(time.perf_counter())\n"
+        "print(json.dumps([b - a for a, b in zip(t, t[1:])]))\n"
+    )
+    started = time.perf_counter()
+    parts = json.loads(_child([sys.executable, "-c", probe]).splitlines()[-1])
+    probe_wall = time.perf_counter() - started
+    names = ("torch", "skimage_ssim_module", "skimage_metrics_rest", "featinv_train", "featinv_evaluate",
+             "pipeline_study_run_rest", "torch_dynamo", "cuda_init")
+    imports = dict(zip(names, parts))
+    bare = _child_seconds([sys.executable, "-c", "pass"])
+
+    # One whole cell on the benchmark's vgg16/block1 store: 1 epoch of 8 samples, then evaluation.
+    tap = "vgg16/block1"
+    ctx.stores.get(tap)
+    cell_dir = ctx.work / "startup"
+    params = {
+        "seed": run.SEED,
+        "data": _plain(dataclasses.asdict(ctx.data)),
+        "taps": [tap],
+        "extract": _plain(dataclasses.asdict(ctx.stores.cfg)),
+        "encoder": tap,
+        "decoder": run.DECODER,
+        "train": {"device": device.type, "batch_size": 4, "epochs": 1},
+        "evaluate": {"device": device.type, "grid_images": 2},
+        "study": {"taps": [tap], "decoders": [run.DECODER], "fusions": [], "ensemble_taps": [], "epochs": 1,
+                  "samples_per_epoch": 8},
+    }
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = cell_dir / "metrics.json"
+    metrics.unlink(missing_ok=True)
+    cell = [sys.executable, "-m", "pipeline.study_run", "--params", str(cell_dir / "params.yaml"),
+            "--images", str(ctx.images), "--features", str(ctx.stores.dir), "--out", str(cell_dir / "run"),
+            "--metrics", str(metrics)]
+    cell_wall = _child_seconds(cell)
+    train_seconds = json.loads(metrics.read_text())["train"]["train_seconds"]
+    breakdown = None
+    if ctx.plan.startup_profile:  # the same cell again under cProfile: where its seconds go
+        profile = cell_dir / "cell.prof"
+        profiled_wall = _child_seconds([sys.executable, "-m", "cProfile", "-o", str(profile), *cell[1:]])
+        breakdown = {"profiled_wall_seconds": profiled_wall, **_profile_breakdown(profile)}
+    out = {
+        "python_bare_seconds": bare,
+        "import_probe_wall_seconds": probe_wall,
+        "import_seconds": imports,
+        "cell_wall_seconds": cell_wall,
+        "cell_train_seconds": train_seconds,
+        "cell_fixed_seconds": cell_wall - train_seconds,
+        "cell_profile_seconds": breakdown,
+        "cell": "pipeline.study_run, vgg16/block1 + transposed_conv, 1 epoch of 8 samples, evaluation on "
+                f"{run._counts(ctx.images)['test']} test images",
+        # What could go, per cell, and where (none of it is in the files this benchmark owns).
+        "savings_per_cell_seconds": {
+            "cells sharing one process (all imports, torch._dynamo, CUDA initialisation)": sum(parts),
+            "of which torch._dynamo alone (every Adam.step imports it; no way round it per process)":
+                imports["torch_dynamo"],
+            "metrics.py: SSIM from skimage.metrics._structural_similarity, PSNR in numpy (skips the rest of "
+            "skimage.metrics, which imports scipy.stats)": imports["skimage_metrics_rest"],
+            "LPIPS set-up when its weights are absent (under cProfile)":
+                (breakdown or {}).get("LPIPS metric set-up"),
+        },
+    }
+    print(f"\n## Start-up of a study cell ({device.type})\n")
+    print(table([{"part": k, "seconds": v} for k, v in [("python", bare), *imports.items(),
+                                                       ("whole tiny cell", cell_wall),
+                                                       ("of which training", train_seconds)]],
+                ["part", "seconds"], {"seconds": ".2f"}))
+    if breakdown:
+        print("\nthe cell under cProfile (cumulative seconds, profiler overhead included):\n")
+        print(table([{"part": k, "seconds": v} for k, v in breakdown.items()], ["part", "seconds"],
+                    {"seconds": ".2f"}))
+    print(flush=True)
+    return out
+
+
+def extract_section(ctx: _Context) -> dict:
+    """Encoder forward images/s per tap, precision and batch size; the library's extraction rate; autocast's error."""
+    rows, errors = [], {}
+    for tap in ctx.plan.extract_taps:
+        encoder = ctx.stores.encoder(tap)
+        library = ctx.stores.reports[tap]
+        for prec in PRECISIONS:
+            for batch in ctx.plan.extract_batches:
+                if ctx.left() < 0:
+                    break
+                log.info("  forward %s %s batch %d", tap, prec, batch)
+                rate = _forward_rate(encoder, batch, _amp(ctx.device, prec), ctx.device, ctx.plan.extract_rounds)
+                rows.append({"tap": tap, "precision": prec, "batch": batch, "images_per_s": rate})
+        rows.append({"tap": tap, "precision": "library", "batch": ctx.stores.cfg.batch_size,
+                     "images_per_s": library["extract_images_per_s"],
+                     "extraction_overhead": library["extraction_overhead_without_build"]})
+        errors[tap] = {name: _relative_error(encoder, dtype, ctx.device)
+                       for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    best = {}
+    for tap in ctx.plan.extract_taps:
+        timed = {r["precision"]: r["images_per_s"] for r in rows if r["tap"] == tap and r["precision"] in PRECISIONS
+                 and r["batch"] == max(ctx.plan.extract_batches)}
+        if len(timed) == 2:
+            best[tap] = timed["bf16"] / timed["fp32"]
+    print(f"\n## Extraction ({ctx.device.type}): encoder forward images/s; `library` = extract_features\n")
+    print(table(rows, ["tap", "precision", "batch", "images_per_s", "extraction_overhead"],
+                {"images_per_s": ".1f", "extraction_overhead": ".2f"}), flush=True)
+    print(f"\nrelative error of the stored (float16) features vs float32: {errors}", flush=True)
+    return {"rows": rows, "bf16_over_fp32_at_largest_batch": best, "relative_error_vs_fp32": errors,
+            "library_note": "extract_features as the library runs it (its own autocast policy), store writes "
+                            "and compression included; extraction_overhead = its time without the encoder build "
+                            "÷ the pure forward over the same batches"}
+
+
+def train_section(ctx: _Context) -> dict:
+    """Training samples/s from the cache vs the encoder in the loop, per tap, decoder and precision."""
+    rows = []
+    for tap in ctx.plan.train_taps:
+        store, encoder = ctx.stores.get(tap), ctx.stores.encoder(tap)
+        for decoder in ctx.plan.train_decoders:
+            if ctx.left() < 0:
+                break
+            log.info("  train %s + %s", tap, decoder)
+            paths = {}
+            for prec in PRECISIONS:
+                paths[f"cache_{prec}"] = _cache_trainer(ctx, [store], decoder, None, _amp(ctx.device, prec))
+                paths[f"naive_{prec}"] = _naive_trainer(ctx, store, encoder, decoder, _amp(ctx.device, prec))
+            paths["cache_bf16_nosync"] = _cache_trainer(ctx, [store], decoder, None, _amp(ctx.device, "bf16"),
+                                                        criterion=_MseNoSync())
+            try:
+                timed = _timed({k: t.step for k, t in paths.items()}, ctx.plan.warmup, ctx.plan.steps,
+                               ctx.plan.block, ctx.device)
+            finally:
+                for t in paths.values():
+                    t.close()
+            row = {"tap": tap, "decoder": decoder, "batch": ctx.plan.batch}
+            row |= {f"{k}_samples_per_s": v["samples_per_s"] for k, v in timed.items()}
+            for prec in PRECISIONS:
+                row[f"cache_speedup_{prec}"] = row[f"cache_{prec}_samples_per_s"] / row[f"naive_{prec}_samples_per_s"]
+            row["bf16_over_fp32_cache"] = row["cache_bf16_samples_per_s"] / row["cache_fp32_samples_per_s"]
+            row["nosync_over_sync_bf16"] = row["cache_bf16_nosync_samples_per_s"] / row["cache_bf16_samples_per_s"]
+            rows.append(row)
+    print(f"\n## Training samples/s ({ctx.device.type}, batch {ctx.plan.batch})\n")
+    print(table(rows, ["tap", "decoder", "cache_fp32_samples_per_s", "naive_fp32_samples_per_s",
+                       "cache_bf16_samples_per_s", "naive_bf16_samples_per_s", "cache_speedup_fp32",
+                       "cache_speedup_bf16", "bf16_over_fp32_cache", "nosync_over_sync_bf16"],
+                {k: ".2f" for k in rows[0] if k not in ("tap", "decoder", "batch")} if rows else {}), flush=True)
+    return {"rows": rows, "note": "bf16 = torch.autocast(device, bfloat16) around the forward (CPU autocast on "
+                                  "the CPU); nosync = plain MSE instead of ReconstructionLoss, whose float() of "
+                                  "each loss part waits for the device every step"}
+
+
+def loader_section(ctx: _Context) -> dict:
+    """Samples/s the loader delivers onto the device ÷ samples/s the bf16 cached step consumes."""
+    train_rows = ctx.sections.get("train", {}).get("rows", [])
+    rows = []
+    for tap in ctx.plan.loader_taps:
+        store = ctx.stores.get(tap)
+        pixels = ImageStore(ctx.images).pixels("train")
+        consumed = next((r["cache_bf16_samples_per_s"] for r in train_rows
+                         if r["tap"] == tap and r["decoder"] == run.DECODER), None)
+        modes = {"ram": (math.inf, 1), **{f"stream_{k}_threads": (0.0, k) for k in ctx.plan.loader_threads}}
+        row = {"tap": tap, "train_samples_per_s": consumed,
+               "div2k_mode": "ram" if _div2k_bytes([tap]) <= ctx.params.train.ram_cache_gb * 2**30 else "stream"}
+        for mode, (ram_gb, threads) in modes.items():
+            if ctx.left() < 0:
+                break
+            batches = FeatureBatches([store.split("train")], pixels, ctx.plan.batch, shuffle=True, seed=run.SEED,
+                                     ram_cache_gb=ram_gb, device=ctx.device, read_threads=threads)
+            row[f"{mode}_samples_per_s"] = run._delivery_rate(batches, ctx.plan.loader_min_batches)
+            run._sync(ctx.device)
+            if consumed:
+                row[f"{mode}_headroom"] = row[f"{mode}_samples_per_s"] / consumed
+        rows.append(row)
+    print(f"\n## Loader onto {ctx.device.type} (headroom = delivered ÷ bf16 transposed_conv step's samples/s)\n")
+    print(table(rows, list(dict.fromkeys(k for r in rows for k in r)),
+                {k: ".2f" for r in rows for k in r if k.endswith(("_s", "headroom"))}), flush=True)
+    return {"rows": rows, "goal": "headroom ≥ 3 in the mode DIV2K would use (`div2k_mode`)"}
+
+
+def study_section(ctx: _Context) -> dict:
+    """The 44-cell study at DIV2K scale: every cell timed on the cache, extrapolated; extraction added."""
+    params, plan, device = ctx.params, ctx.plan, ctx.device
+    runs = plan_runs(params)
+    startup = ctx.sections.get("startup", {}).get("cell_fixed_seconds")
+    bench_train = run._counts(ctx.images)["train"]
+    pixels = ImageStore(ctx.images).pixels("train")
+    val_pixels = ImageStore(ctx.images).pixels("val")
+    out = {"protocol": {"train": DIV2K_TRAIN, "val": DIV2K_VAL, "test": DIV2K_TEST, "epochs": EPOCHS,
+                        "batch": plan.batch, "precision": "featinv.precision (bf16 autocast on CUDA only)",
+                        "ram_cache_gb": params.train.ram_cache_gb},
+           "cells": []}
+    encoder_per_sample: dict[str, float] = {}
+    ram_load_per_sample: dict[str, float] = {}
+    for cell in runs:
+        if plan.study_cells is not None and len(out["cells"]) >= plan.study_cells:
+            break
+        if ctx.left() < 0:
+            log.warning("budget spent after %d study cells: the rest are extrapolated", len(out["cells"]))
+            break
+        cfg = dataclasses.replace(params, encoder=cell.encoder, fusion=cell.fusion, decoder=cell.decoder)
+        taps = run_taps(cfg)
+        log.info("  cell %s + %s", cell.label, cell.decoder)
+        stores = [ctx.stores.get(t) for t in taps]
+        in_ram = _div2k_bytes(taps) <= params.train.ram_cache_gb * 2**30
+        for tap, store in zip(taps, stores):
+            if tap not in encoder_per_sample:  # the encoder in the loop would cost this per sample
+                encoder_per_sample[tap] = 1 / _forward_rate(ctx.stores.encoder(tap), plan.batch,
+                                                            lambda: precision.autocast(device), device, 3)
+            if in_ram and tap not in ram_load_per_sample:
+                t0 = time.perf_counter()
+                FeatureBatches([store.split("train")], pixels, plan.batch, ram_cache_gb=math.inf)
+                ram_load_per_sample[tap] = (time.perf_counter() - t0) / bench_train
+        batches = FeatureBatches([s.split("train") for s in stores], pixels, plan.batch, shuffle=True, seed=run.SEED,
+                                 ram_cache_gb=math.inf if in_ram else 0.0, drop_last=True, device=device)
+        trainer = _cache_trainer(ctx, stores, cell.decoder, cell.fusion, lambda: precision.autocast(device),
+                                 batches=batches)
+        try:
+            timed = _timed({"cell": trainer.step}, plan.warmup, plan.study_steps, plan.block, device,
+                           cap_seconds=plan.study_cell_seconds)["cell"]
+            val = FeatureBatches([s.split("val") for s in stores], val_pixels, max(plan.batch, 8),
+                                 ram_cache_gb=math.inf, device=device)
+            eval_rate = run._eval_rate(trainer.model, val, 2, device)
+        finally:
+            trainer.close()
+        out["cells"].append({"run": f"{cell.label} + {cell.decoder}", "encoder": cell.encoder, "fusion": cell.fusion,
+                             "decoder": cell.decoder, "loader": "ram" if in_ram else "stream",
+                             "steps_timed": timed["steps"], "train_samples_per_s": timed["samples_per_s"],
+                             "eval_samples_per_s": eval_rate})
+        ctx.save()
+    out |= _study_estimate(runs, out["cells"], ctx.stores.reports, encoder_per_sample, ram_load_per_sample, startup,
+                           params)
+    _print_study(out, device)
+    return out
+
+
+def limit_section(ctx: _Context) -> dict:
+    """Per tap: achieved cache speedup vs its limit (encoder + decoder step) ÷ decoder step, timed and in FLOPs."""
+    plan, device = ctx.plan, ctx.device
+    policy = lambda: precision.autocast(device)  # noqa: E731  featinv's own precision on this device
+    rows = []
+    for tap in plan.limit_taps or ctx.params.study.taps:
+        if ctx.left() < 0:
+            break
+        log.info("  limit %s", tap)
+        store, encoder = ctx.stores.get(tap), ctx.stores.encoder(tap)
+        cached = _cache_trainer(ctx, [store], run.DECODER, None, policy)
+        naive = _naive_trainer(ctx, store, encoder, run.DECODER, policy)
+        feats, pixels01 = _first_batch(FeatureBatches([store.split("train")], ImageStore(ctx.images).pixels("train"),
+                                                      plan.batch, device=device))
+        fixed = (decoder_inputs(feats, device), pixels01.to(device))
+        decoder_only = _cache_trainer(ctx, [store], run.DECODER, None, policy, batches=[fixed],
+                                      inputs_of=lambda f, p: f)
+
+        def encoder_only(pixels01=fixed[1], encoder=encoder) -> int:
+            with torch.no_grad(), policy():
+                encoder(pixels01)
+            return pixels01.shape[0]
+
+        try:
+            timed = _timed({"cache": cached.step, "naive": naive.step, "encoder": encoder_only,
+                            "decoder": decoder_only.step}, plan.warmup, plan.limit_steps, 1, device)
+        finally:
+            for t in (cached, naive, decoder_only):
+                t.close()
+        s = {k: np.asarray(v["seconds"]) for k, v in timed.items()}
+        flops_encoder, flops_decoder = _flops(encoder, decoder_only, fixed, device)
+        achieved = s["naive"].sum() / s["cache"].sum()
+        limit_timed = (s["encoder"].sum() + s["decoder"].sum()) / s["decoder"].sum()
+        limit_flops = (flops_encoder + flops_decoder) / flops_decoder
+        rows.append({
+            "tap": tap, "achieved": achieved, "limit_timed": limit_timed, "limit_flops": limit_flops,
+            "achieved_over_limit_timed": achieved / limit_timed, "achieved_over_limit_flops": achieved / limit_flops,
+            "median_round_achieved": float(np.median(s["naive"] / s["cache"])),
+            "median_round_limit_timed": float(np.median((s["encoder"] + s["decoder"]) / s["decoder"])),
+            "ms_cache_step": 1e3 * s["cache"].mean(), "ms_naive_step": 1e3 * s["naive"].mean(),
+            "ms_encoder": 1e3 * s["encoder"].mean(), "ms_decoder_step": 1e3 * s["decoder"].mean(),
+            "ms_cache_overhead": 1e3 * (s["cache"].mean() - s["decoder"].mean()),
+            "gflop_encoder_per_sample": flops_encoder / 1e9, "gflop_decoder_step_per_sample": flops_decoder / 1e9,
+            "encoder_gflops_per_s": flops_encoder * plan.batch / s["encoder"].mean() / 1e9,
+            "decoder_gflops_per_s": flops_decoder * plan.batch / s["decoder"].mean() / 1e9,
+        })
+        ctx.save()
+    print(f"\n## Cache speedup vs its limit ({device.type}, {run.DECODER}, batch {plan.batch})\n")
+    print(table(rows, ["tap", "achieved", "limit_timed", "limit_flops", "achieved_over_limit_timed",
+                       "achieved_over_limit_flops", "ms_cache_step", "ms_decoder_step", "ms_encoder",
+                       "ms_cache_overhead", "encoder_gflops_per_s", "decoder_gflops_per_s"],
+                {k: ".2f" for r in rows for k in r if k != "tap"}), flush=True)
+    return {"rows": rows, "target": "achieved ÷ limit ≥ 0.8 on every tap",
+            "definition": "achieved = naive step ÷ cache step (both from fetching the batch to Adam's step); "
+                          "limit_timed = (encoder forward + decoder step on ready features) ÷ decoder step; "
+                          "limit_flops = the same from FlopCounterMode counts (decoder forward + backward, one "
+                          "sample); all four timed in one interleaved loop, one step each per round"}
+
+
+def compile_section(ctx: _Context) -> dict:
+    """torch.compile vs eager, bf16 cached step: compile seconds, steady rates, break-even steps (CUDA only)."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "torch.compile is measured on CUDA only (precision.compiled is a no-op elsewhere)"}
+    policy = lambda: precision.autocast(ctx.device)  # noqa: E731
+    rows = []
+    for tap, decoder in ctx.plan.compile_cases:
+        if ctx.left() < 60:
+            break
+        store = ctx.stores.get(tap)
+        eager = _cache_trainer(ctx, [store], decoder, None, policy)
+        compiled = _cache_trainer(ctx, [store], decoder, None, policy, compile_model=True)
+        try:
+            t0 = time.perf_counter()
+            for _ in range(3):  # compiles forward and backward
+                compiled.step()
+            run._sync(ctx.device)
+            first = time.perf_counter() - t0
+            timed = _timed({"eager": eager.step, "compiled": compiled.step}, ctx.plan.warmup, ctx.plan.steps,
+                           ctx.plan.block, ctx.device)
+        finally:
+            eager.close()
+            compiled.close()
+        per_step = {k: 1 / v["samples_per_s"] * ctx.plan.batch for k, v in timed.items()}
+        overhead = first - 3 * per_step["compiled"]
+        gain = per_step["eager"] - per_step["compiled"]
+        break_even = overhead / gain if gain > 0 else math.inf
+        rows.append({"tap": tap, "decoder": decoder, "compile_seconds": overhead,
+                     "eager_samples_per_s": timed["eager"]["samples_per_s"],
+                     "compiled_samples_per_s": timed["compiled"]["samples_per_s"],
+                     "break_even_steps": break_even, "cell_steps": CELL_STEPS, "pays": break_even < CELL_STEPS})
+        ctx.save()
+    print("\n## torch.compile (bf16 cached step)\n")
+    print(table(rows, ["tap", "decoder", "compile_seconds", "eager_samples_per_s", "compiled_samples_per_s",
+                       "break_even_steps", "pays"], {"compile_seconds": ".1f", "eager_samples_per_s": ".1f",
+                                                     "compiled_samples_per_s": ".1f", "break_even_steps": ".0f"}),
+          flush=True)
+    return {"rows": rows, "note": "compile_seconds = the first 3 compiled steps less 3 steady compiled steps; pays = "
+                                  "it comes back within one study cell's steps (a cell is a fresh process)"}
+
+
+SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict]] = {
+    "startup": startup_section, "extract": extract_section, "train": train_section, "loader": loader_section,
+    "study": study_section, "limit": limit_section, "compile": compile_section,
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class _MseNoSync(nn.Module):
+    """Plain MSE, returning no per-part floats (ReconstructionLoss's float() waits for the device each step)."""
+
+    def forward(self, pred01: torch.Tensor, target01: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return F.mse_loss(pred01, target01), {}
+
+
+def _amp(device: torch.device, prec: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The explicit precision setting ``prec`` on ``device``: float32, or bf16 autocast (CPU autocast on the CPU)."""
+    if prec == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _cache_trainer(ctx: _Context, stores: list[FeatureStore], decoder: str, fusion: str | None, context: Callable,
+                   batches=None, inputs_of: Callable | None = None, **kwargs) -> _Trainer:
+    """A path trained from the cached features (RAM-cached unless ``batches`` says otherwise)."""
+    if batches is None:
+        batches = FeatureBatches([s.split("train") for s in stores], ImageStore(ctx.images).pixels("train"),
+                                 ctx.plan.batch, shuffle=True, seed=run.SEED, ram_cache_gb=math.inf, drop_last=True,
+                                 device=ctx.device)
+    inputs_of = inputs_of or (lambda feats, pixels01: decoder_inputs(feats, ctx.device))
+    return _Trainer([s.spec for s in stores], decoder, fusion, batches, inputs_of, context, ctx.device, **kwargs)
+
+
+def _naive_trainer(ctx: _Context, store: FeatureStore, encoder: TapEncoder, decoder: str,
+                   context: Callable) -> _Trainer:
+    """A path that runs the frozen encoder on the pixels every step (the published way)."""
+    batches = FeatureBatches([], ImageStore(ctx.images).pixels("train"), ctx.plan.batch, shuffle=True, seed=run.SEED,
+                             drop_last=True, device=ctx.device)
+
+    def inputs_of(feats, pixels01):
+        with torch.no_grad(), context():
+            return decoder_inputs([encoder(pixels01)], ctx.device)
+
+    return _Trainer([store.spec], decoder, None, batches, inputs_of, context, ctx.device)
+
+
+def _first_batch(batches: FeatureBatches) -> tuple[list[torch.Tensor], torch.Tensor]:
+    stream = iter(batches)
+    try:
+        return next(stream)
+    finally:
+        stream.close()
+
+
+def _timed(paths: dict[str, Callable[[], int]], warmup: int, steps: int, block: int, device: torch.device,
+           cap_seconds: float = math.inf) -> dict[str, dict]:
+    """Samples/s of each step function, stepping them in turn (load bursts hit every path alike).
+
+    ``warmup`` untimed rounds first; then rounds of ``block`` consecutive steps per path,
+    synchronised with the device at each end, until ``steps`` steps or ``cap_seconds`` of
+    timed work.  Each function trains one batch and returns its samples.
+    """
+    for _ in range(warmup):
+        for step in paths.values():
+            step()
+    run._sync(device)
+    seconds: dict[str, list[float]] = {k: [] for k in paths}
+    samples = dict.fromkeys(paths, 0)
+    spent, done = 0.0, 0
+    while done < steps and spent < cap_seconds:
+        for name, step in paths.items():
+            run._sync(device)
+            t0 = time.perf_counter()
+            samples[name] += sum(step() for _ in range(block))
+            run._sync(device)
+            seconds[name].append(time.perf_counter() - t0)
+            spent += seconds[name][-1]
+        done += block
+    return {k: {"samples_per_s": samples[k] / sum(seconds[k]), "seconds": seconds[k], "steps": done} for k in paths}
+
+
+def _forward_rate(encoder: TapEncoder, batch: int, context: Callable, device: torch.device, rounds: int) -> float:
+    """Encoder forward images/s on synthetic pixels already on the device (one untimed batch first)."""
+    pixels01 = precision.channels_last(torch.rand(batch, 3, 224, 224, device=device), device)
+    with torch.inference_mode(), context():
+        encoder(pixels01)
+        run._sync(device)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            encoder(pixels01)
+        run._sync(device)
+    return batch * rounds / (time.perf_counter() - t0)
+
+
+def _relative_error(encoder: TapEncoder, dtype: torch.dtype, device: torch.device) -> float | None:
+    """‖stored − float32‖ / ‖float32‖ of the features of 4 synthetic images computed under ``dtype`` autocast.
+
+    Stored = rounded to float16, as the feature store keeps them; None where the device has
+    no autocast for ``dtype``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    pixels01 = precision.channels_last(torch.rand(4, 3, 224, 224, generator=generator).to(device), device)
+    with torch.inference_mode():
+        reference = encoder(pixels01).float()
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                stored = encoder(pixels01).half().float()
+        except RuntimeError:
+            return None
+    return float((stored - reference).norm() / reference.norm())
+
+
+def _flops(encoder: TapEncoder, decoder_only: _Trainer, fixed: tuple, device: torch.device) -> tuple[float, float]:
+    """Counted FLOPs per sample: the encoder's forward, and the decoder's forward + backward (one sample)."""
+    feats, pixels01 = fixed
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(pixels01[:1])
+    encoder_flops = counter.get_total_flops()
+    model = decoder_only.model
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = decoder_only.criterion(model([f[:1] for f in feats]), pixels01[:1])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(encoder_flops), float(counter.get_total_flops())
+
+
+def _study_estimate(runs, cells: list[dict], extraction: dict[str, dict], encoder_per_sample: dict[str, float],
+                    ram_load_per_sample: dict[str, float], startup: float | None, params: Config) -> dict:
+    """Each of the study's runs at DIV2K scale from its measured rates (unmeasured ones: the measured mean)."""
+    if not cells:
+        raise RuntimeError("no study cell was timed within the budget; raise --budget-seconds")
+    measured = {(c["encoder"], c["fusion"], c["decoder"]): c for c in cells}
+    mean_train = 1 / float(np.mean([1 / c["train_samples_per_s"] for c in cells]))
+    mean_eval = 1 / float(np.mean([1 / c["eval_samples_per_s"] for c in cells]))
+    per_run_train, per_run_eval = EPOCHS * DIV2K_TRAIN, EPOCHS * DIV2K_VAL + DIV2K_TEST
+
+    def mean_of(values: dict[str, float]) -> float:
+        return float(np.mean(list(values.values()))) if values else 0.0
+
+    def tap_value(values: dict[str, float], tap: str) -> float:
+        return values.get(tap, mean_of(values))
+
+    rows, fixed = [], startup or 0.0
+    for r in runs:
+        cfg = dataclasses.replace(params, encoder=r.encoder, fusion=r.fusion, decoder=r.decoder)
+        taps = run_taps(cfg)
+        cell = measured.get((r.encoder, r.fusion, r.decoder))
+        train_rate = cell["train_samples_per_s"] if cell else mean_train
+        eval_rate = cell["eval_samples_per_s"] if cell else mean_eval
+        in_ram = _div2k_bytes(taps) <= params.train.ram_cache_gb * 2**30
+        ram_load = sum(tap_value(ram_load_per_sample, t) for t in taps) * (DIV2K_TRAIN + DIV2K_VAL) if in_ram else 0.0
+        seconds = fixed + ram_load + per_run_train / train_rate + per_run_eval / eval_rate
+        encoder_seconds = (per_run_train + per_run_eval) * sum(tap_value(encoder_per_sample, t) for t in taps)
+        rows.append({"run": f"{r.label} + {r.decoder}", "measured": cell is not None, "seconds": seconds,
+                     "naive_seconds": seconds - ram_load + encoder_seconds})
+    extract_seconds = {}
+    for tap in params.study.taps:
+        report = extraction.get(tap)
+        if report is None:
+            per_sample = mean_of({t: (e["extract_seconds"] - e["encoder_build_seconds"]) / e["extract_samples"]
+                                  for t, e in extraction.items()})
+            build = mean_of({t: e["encoder_build_seconds"] for t, e in extraction.items()})
+        else:
+            per_sample = (report["extract_seconds"] - report["encoder_build_seconds"]) / report["extract_samples"]
+            build = report["encoder_build_seconds"]
+        extract_seconds[tap] = build + per_sample * DIV2K_IMAGES
+    runs_seconds = sum(r["seconds"] for r in rows)
+    total = runs_seconds + sum(extract_seconds.values())
+    naive = sum(r["naive_seconds"] for r in rows)
+    return {
+        "runs": len(rows),
+        "measured_runs": sum(r["measured"] for r in rows),
+        "per_run": rows,
+        "extract_seconds_per_tap": extract_seconds,
+        "cell_fixed_seconds": startup,
+        "featinv_hours": total / 3600,
+        "featinv_runs_hours": runs_seconds / 3600,
+        "featinv_extract_hours": sum(extract_seconds.values()) / 3600,
+        "published_gpu_hours": PUBLISHED_GPU_HOURS,
+        "published_over_featinv": PUBLISHED_GPU_HOURS / (total / 3600),
+        "naive_hours_estimate": naive / 3600,
+        "extrapolated": True,
+        "from": (f"per run {per_run_train} training samples ({EPOCHS} epochs × {DIV2K_TRAIN}) at the cell's measured "
+                 f"samples/s, {per_run_eval} evaluation samples (val every epoch + test) at its measured decoder "
+                 "inference rate, the measured start-up of a fresh cell process (null: not measured, counted as 0), "
+                 "and for RAM-cached splits the measured load time per sample × (train + val); extraction = "
+                 f"one encoder build + measured seconds per sample × {DIV2K_IMAGES}; unmeasured runs/taps take "
+                 "the measured mean. naive_hours_estimate adds the encoder's measured batch-size forward per "
+                 "sample to every training and evaluation sample instead of the cache (an additive model, not a "
+                 f"run); the published {PUBLISHED_GPU_HOURS:.0f} h are an RTX 6000 Ada's"),
+    }
+
+
+def _div2k_bytes(taps: list[str]) -> int:
+    """float16 bytes of the taps' training split at DIV2K scale (what ``ram_cache_gb`` is compared with)."""
+    return sum(int(np.prod(resolve_tap(t).shape)) * 2 * DIV2K_TRAIN for t in taps)
+
+
+def _synthetic_data(plan: Plan, work: Path) -> DataConfig:
+    """A folder source of synthetic photographs (written once per work dir, not timed)."""
+    root = work / "synthetic" / f"{plan.train_images}-{plan.test_images}"
+    for split, count, first_seed in (("train", plan.train_images, 0), ("test", plan.test_images, 100_000)):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            path = folder / f"{i:04d}.png"
+            if not path.is_file():
+                Image.fromarray(_synthetic_photo(first_seed + i)).save(path)
+    return DataConfig(source="folder", train_dir=str(root / "train"), test_dir=str(root / "test"),
+                      val_fraction=0.2, train_views=plan.train_views)
+
+
+def _synthetic_photo(seed: int) -> np.ndarray:
+    """Smooth random colour fields plus grain: compresses and activates encoders more like a photo than noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(small).resize((SYNTHETIC_SIDE,) * 2, Image.Resampling.BICUBIC), np.int16)
+    return np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _environment(device: torch.device) -> dict:
+    """Where the figures were measured: the machine, library versions, the card."""
+    env = machine() | {
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "torchvision", "timm", "zarr", "numpy")},
+        "loadavg_start": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env |= {"gpu_memory_gib": props.total_memory / 2**30, "capability": f"{props.major}.{props.minor}",
+                "bf16_supported": torch.cuda.is_bf16_supported(),
+                "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}}
+    return env
+
+
+def _child(command: list[str]) -> str:
+    """Run a fresh Python process in the repository; its stdout (a failure raises with its stderr)."""
+    done = subprocess.run(command, capture_output=True, cwd=run.REPO, timeout=CHILD_TIMEOUT, check=False, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} … failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _child_seconds(command: list[str]) -> float:
+    t0 = time.perf_counter()
+    _child(command)
+    return time.perf_counter() - t0
+
+
+def _profile_breakdown(path: Path) -> dict[str, float]:
+    """Cumulative seconds of the :data:`PROFILED` functions in a cProfile dump (0 where absent)."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats
+    out = dict.fromkeys(PROFILED.values(), 0.0)
+    for (file, _line, name), (_cc, _nc, _tt, cumulative, _callers) in stats.items():
+        label = next((v for (suffix, fn), v in PROFILED.items() if fn == name and file.endswith(suffix)), None)
+        if label is not None:
+            out[label] += cumulative
+    return out
+
+
+def _plain(obj):
+    """``obj`` with tuples as lists (YAML-safe)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _print_study(study: dict, device: torch.device) -> None:
+    print(f"\n## Study at DIV2K scale ({device.type}; {study['measured_runs']} of {study['runs']} runs measured)\n")
+    rows = [{"path": "featinv: extraction (8 taps × 2,820 images)", "hours": study["featinv_extract_hours"]},
+            {"path": "featinv: 44 runs from the cache", "hours": study["featinv_runs_hours"]},
+            {"path": "featinv: total", "hours": study["featinv_hours"]},
+            {"path": "encoder in the loop (additive estimate, this device)", "hours": study["naive_hours_estimate"]},
+            {"path": "published (RTX 6000 Ada, encoder in the loop)", "hours": study["published_gpu_hours"]}]
+    print(table(rows, ["path", "hours"], {"hours": ".3f"}))
+    print(f"\npublished ÷ featinv = {study['published_over_featinv']:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    outcome = main()
+    sys.exit(1 if outcome["errors"] else 0)

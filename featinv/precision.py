@@ -1,0 +1,131 @@
+"""What changes with the device: bf16 autocast, channels_last, pinned host→device copies, compilation.
+
+On CUDA, featinv computes in bfloat16 under autocast — the encoder's forward at extraction,
+the decoder's forward and backward in training — while weights, optimizer state, losses and
+metrics stay float32 and the feature stores stay float16.  bfloat16 rather than float16:
+float32's exponent range, so no loss scaling and no overflow inside deep encoders (the
+features are still rounded to float16 for the store, which ``feature_store`` checks).
+
+On every other device these helpers change nothing.  In particular the CPU keeps float32:
+bf16 autocast is an option torch offers there too, and ``python -m benchmarks.gpu --device
+cpu`` measures it against float32 (BENCHMARKS.md), but only a measurement may turn it on.
+
+A batch for CUDA travels as float16 features and uint8 pixels (half and a quarter of the
+float32 bytes) in page-locked host memory, copied on a side stream (:class:`DeviceCopy`) so
+the copy overlaps the GPU's work, and converted to float32 on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["AMP_DTYPE", "amp_enabled", "autocast", "float32", "setup", "channels_last", "pinned", "DeviceCopy",
+           "compiled"]
+
+AMP_DTYPE = torch.bfloat16
+
+
+def amp_enabled(device: torch.device | str) -> bool:
+    """Whether featinv computes under bf16 autocast on ``device``: on CUDA only."""
+    return torch.device(device).type == "cuda"
+
+
+def autocast(device: torch.device | str, enabled: bool = True,
+             dtype: torch.dtype = AMP_DTYPE) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; on any other device (or with ``enabled=False``) a context that does nothing.
+
+    Wrap the forward pass only; compute losses and metrics on :func:`float32` outputs,
+    outside it.  ``dtype=torch.float16`` is for extraction, whose output is rounded to float16
+    anyway: bf16's 8-bit mantissa leaves ~8× the error in the stored features (0.32 % vs
+    0.04 % relative on vgg16/block1, ``python -m benchmarks.gpu`` section ``extract``).
+    """
+    if enabled and amp_enabled(device):
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float32 (a no-op when it is already): what losses and metrics are computed on.
+
+    An output made under autocast is bfloat16, whose 8-bit mantissa would show in PSNR at
+    high quality (a 40 dB reconstruction's error is ~1 % of the pixel range).
+    """
+    return tensor.float()
+
+
+def setup(device: torch.device | str) -> None:
+    """Per-process backend settings for ``device``; nothing except on CUDA.
+
+    CUDA: cuDNN autotuning (every step has the same shapes, so the search pays once) and
+    TF32 matrix maths for whatever still runs in float32.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def channels_last(obj, device: torch.device | str):
+    """A module or 4-D tensor in channels_last memory format on CUDA (convolutions' fast layout there).
+
+    Anything else, on any other device, comes back unchanged: on the CPU the training step
+    already hands decoders channels_last maps where that was measured to pay
+    (``featinv.train.decoder_inputs``), and encoders are left as built.
+    """
+    if torch.device(device).type != "cuda":
+        return obj
+    if isinstance(obj, nn.Module):
+        return obj.to(memory_format=torch.channels_last)
+    return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 else obj
+
+
+def pinned(array: np.ndarray) -> torch.Tensor:
+    """A page-locked CPU copy of ``array``, so that a ``non_blocking`` copy to CUDA is really asynchronous."""
+    source = torch.from_numpy(np.ascontiguousarray(array))
+    return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
+
+
+class DeviceCopy:
+    """Host→CUDA copies on a side stream, handed over to the computing stream when they are used.
+
+    ``send`` may run on a loader thread: it queues the copies and returns at once.
+    ``receive`` (on the thread that computes) makes the current stream wait for them and
+    tells the allocator that stream now uses the memory.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+
+    def send(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Queue a ``non_blocking`` copy of each (pinned) tensor; returns the device tensors and a done-event."""
+        with torch.cuda.stream(self.stream):
+            moved = [t.to(self.device, non_blocking=True) for t in tensors]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return moved, done
+
+    def receive(self, moved: list[torch.Tensor], done: torch.cuda.Event) -> list[torch.Tensor]:
+        """The tensors of one ``send``, safe to use on the current stream."""
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(done)
+        for t in moved:
+            t.record_stream(stream)
+        return moved
+
+
+def compiled(model: nn.Module, device: torch.device | str, enabled: bool) -> nn.Module:
+    """``torch.compile(model)`` when ``enabled`` and on CUDA; ``model`` itself otherwise.
+
+    An option, off unless a measurement shows it pays: compilation costs tens of seconds per
+    process (per study cell), which must come back over that cell's steps
+    (``python -m benchmarks.gpu`` reports the break-even step count).
+    """
+    if enabled and torch.device(device).type == "cuda":
+        return torch.compile(model)
+    return model

@@ -1,0 +1,158 @@
+"""featinv.precision: bf16 autocast on CUDA only, float32 metrics; the loader's CUDA path and read threads."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from featinv import loader, precision
+from featinv.config import LossConfig
+from featinv.feature_store import FeatureStore, store_path
+from featinv.image_store import ImageStore
+from featinv.loader import FeatureBatches
+from featinv.losses import ReconstructionLoss
+
+
+@pytest.fixture
+def autocast_calls(monkeypatch):
+    """Every torch.autocast that featinv.precision opens: (device_type, dtype)."""
+    calls = []
+    real = torch.autocast
+
+    def recording(device_type, dtype=None, **kwargs):
+        calls.append((device_type, dtype))
+        return real("cpu", dtype=dtype, **kwargs)  # emulated where CUDA is absent
+
+    monkeypatch.setattr(precision.torch, "autocast", recording)
+    return calls
+
+
+def test_autocast_is_taken_on_cuda_only(autocast_calls):
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.rand(1, 3, 8, 8)
+    for device in ("cpu", torch.device("cpu"), "mps", "meta"):
+        assert not precision.amp_enabled(device)
+        with precision.autocast(device):
+            assert not torch.is_autocast_enabled("cpu")
+            assert conv(x).dtype == torch.float32
+    assert autocast_calls == []
+
+    assert precision.amp_enabled("cuda") and precision.amp_enabled("cuda:1")
+    with precision.autocast("cuda"):
+        pass
+    with precision.autocast("cuda", enabled=False):
+        pass
+    with precision.autocast("cuda", dtype=torch.float16):
+        pass
+    with precision.autocast("cpu", dtype=torch.float16):
+        pass
+    assert autocast_calls == [("cuda", torch.bfloat16), ("cuda", torch.float16)]
+
+
+def test_metrics_are_computed_in_float32_on_the_autocast_path(autocast_calls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Sigmoid())
+    target01 = torch.rand(2, 3, 16, 16)
+    with precision.autocast("cuda"):  # the CUDA path, emulated on the CPU
+        raw = model[0](target01)
+    assert autocast_calls and raw.dtype == torch.bfloat16  # what autocast hands back
+    pred01 = precision.float32(torch.sigmoid(raw))
+    assert pred01.dtype == torch.float32
+    loss, _ = ReconstructionLoss(LossConfig(mse=1.0))(pred01, target01)
+    assert loss.dtype == torch.float32
+    mse = ((pred01 - target01) ** 2).flatten(1).mean(1)
+    assert mse.dtype == torch.float32
+
+
+def test_helpers_change_nothing_off_cuda():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.rand(2, 3, 8, 8)
+    assert precision.channels_last(conv, "cpu") is conv
+    assert precision.channels_last(x, "cpu") is x
+    assert precision.compiled(conv, "cpu", enabled=True) is conv
+    before = torch.backends.cudnn.benchmark
+    precision.setup("cpu")
+    assert torch.backends.cudnn.benchmark == before
+
+
+def _batches(store, pixels, **kwargs):
+    return FeatureBatches([store.split("train")], pixels, 4, shuffle=True, seed=3, drop_last=True, **kwargs)
+
+
+def _same(a, b):
+    (fa, pa), (fb, pb) = a, b
+    assert len(fa) == len(fb)
+    for x, y in zip(fa, fb):
+        assert x.dtype == y.dtype == torch.float32 and torch.equal(x, y)
+    assert pa.dtype == pb.dtype == torch.float32 and torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("ram_cache_gb", [0.0, 4.0])
+def test_cpu_batches_are_unchanged_by_read_threads(tiny_images, tiny_features, ram_cache_gb):
+    store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
+    pixels = ImageStore(tiny_images).pixels("train")
+    default = list(_batches(store, pixels, ram_cache_gb=ram_cache_gb))
+    threaded = list(_batches(store, pixels, ram_cache_gb=ram_cache_gb, device="cpu", read_threads=3))
+    assert len(default) == len(threaded) > 1
+    for a, b in zip(default, threaded):
+        _same(a, b)
+
+
+class _FakeCopy:
+    """Stands in for precision.DeviceCopy where there is no CUDA: records what would travel."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, tensors):
+        self.sent.append([t.dtype for t in tensors])
+        return list(tensors), None
+
+    def receive(self, moved, done):
+        return moved
+
+
+def test_cuda_path_ships_float16_and_uint8_and_converts_on_arrival(tiny_images, tiny_features, monkeypatch):
+    store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
+    pixels = ImageStore(tiny_images).pixels("train")
+    expected = list(_batches(store, pixels))
+    monkeypatch.setattr(loader.precision, "pinned", lambda array: torch.from_numpy(np.ascontiguousarray(array)))
+    cuda = _batches(store, pixels, read_threads=2)
+    cuda.device, cuda._copy = torch.device("cuda"), _FakeCopy()
+    got = list(cuda)
+    assert cuda._copy.sent and all(s == [torch.float16, torch.uint8] for s in cuda._copy.sent)
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got):
+        _same(a, b)
+    assert cuda.whole_maps().device.type == "cpu"  # closed-form warm starts stay on the CPU
+
+
+def test_prefetched_keeps_order_raises_in_the_consumer_and_stops_when_closed():
+    assert list(loader._prefetched(lambda x: x * x, list(range(20)), threads=4)) == [x * x for x in range(20)]
+
+    def read(x):
+        if x == 5:
+            raise ValueError("bad batch 5")
+        return x
+
+    with pytest.raises(ValueError, match="bad batch 5"):
+        list(loader._prefetched(read, list(range(10)), threads=2))
+
+    seen = []
+    stream = loader._prefetched(lambda x: seen.append(x) or x, list(range(1000)), threads=2)
+    assert next(stream) == 0
+    stream.close()
+    assert len(seen) < 20  # a few batches ahead, not the whole list
+
+
+def test_cpu_feature_maps_arrive_channels_last(tiny_images, tiny_features):
+    """One conversion pass: decoder_inputs then has nothing left to copy."""
+    from featinv.train import decoder_inputs
+
+    store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
+    feats, pixels01 = next(iter(FeatureBatches([store.split("train")], ImageStore(tiny_images).pixels("train"), 2)))
+    (f,) = feats
+    assert f.dtype == torch.float32 and f.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(f, torch.from_numpy(store.split("train")[:2]).float())
+    assert decoder_inputs(feats, torch.device("cpu"))[0].data_ptr() == f.data_ptr()
+    assert pixels01.shape[1] == 3 and float(pixels01.max()) <= 1.0
