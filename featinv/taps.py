@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from featinv.errors import ParamsError, UnknownNameError, WeightsUnavailableError
+from featinv.packaged_weights import load_packaged_state_dict, packaged_weights_for
 from featinv.registry import Registry
 
 __all__ = [
@@ -480,7 +481,9 @@ def _one_line(text: str) -> str:
 
 def _imagenet_tag(spec: TapSpec) -> str:
     if spec.name.startswith(TIMM_PREFIX):
-        return f"timm/{spec.name[len(TIMM_PREFIX):].split('/', 1)[0]}"
+        model_name = spec.name[len(TIMM_PREFIX):].split("/", 1)[0]
+        packaged = packaged_weights_for(model_name)
+        return f"timm/{model_name}" if packaged is None else f"{packaged.tag()} ({model_name})"
     return FAMILIES.get(spec.family).imagenet_tag
 
 
@@ -655,7 +658,13 @@ def _create_timm(model_name: str, pretrained: bool) -> nn.Module:
 
     if not timm.is_model(model_name):
         raise ParamsError(f"unknown timm model {model_name!r}; see `timm.list_models()`")
-    return timm.create_model(model_name, pretrained=pretrained)
+    packaged = packaged_weights_for(model_name) if pretrained else None
+    if packaged is None:
+        return timm.create_model(model_name, pretrained=pretrained)
+    # ImageNet weights from an installed package: no hub, no network.
+    model = timm.create_model(model_name, pretrained=False)
+    model.load_state_dict(load_packaged_state_dict(packaged, model.state_dict()), strict=True)
+    return model
 
 
 def _build_timm_hook_network(spec: TapSpec, pretrained: bool) -> nn.Module:
