@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 def _tiny(params: dict) -> None:
     params["taps"] = ["vgg16/block1"]
+    params["encoder"] = "vgg16/block1"
     params["data"].update(max_images=8, train_views=1)
     params["train"].update(epochs=1)
     params["evaluate"].update(grid_images=2)
