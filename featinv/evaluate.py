@@ -22,6 +22,7 @@ import torch
 
 from featinv.baselines import baseline_metrics, dataset_mean_image, thumbnail_name
 from featinv.config import Config, EvaluateConfig
+from featinv import precision
 from featinv.device import resolve_device
 from featinv.errors import CheckpointError, StorageError, StoreMismatchError
 from featinv.feature_store import FeatureStore, decoder_input_differences, store_path
@@ -166,7 +167,8 @@ def predict_split(
     model.eval()
     with torch.no_grad():
         for feats, target in batches:
-            preds.append(model([f.to(device) for f in feats]).float().cpu())
+            with precision.autocast(device):
+                preds.append(model([f.to(device) for f in feats]).float().cpu())
             targets.append(target)
     return torch.cat(preds), torch.cat(targets)
 

@@ -21,6 +21,7 @@ import torch
 from featinv.baselines import dataset_mean_image
 from featinv.config import Config
 from featinv.decoders import count_parameters
+from featinv import precision
 from featinv.device import resolve_device
 from featinv.errors import StoreMismatchError
 from featinv.feature_store import FeatureStore, expected_fingerprint, store_path
@@ -125,6 +126,7 @@ def train_decoder(
     check_image_store(cfg, images)
     stores = open_feature_stores(cfg, images, features_dir)
     device, fallbacks = resolve_device(tc.device, "train.device")
+    precision.setup(device)
     criterion = ReconstructionLoss(tc.loss).to(device)
 
     torch.manual_seed(tc.seed)
@@ -137,11 +139,11 @@ def train_decoder(
 
     train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
                                    tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
-                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True, crop=crop)
+                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True, crop=crop, device=device)
     # Validation reads whole maps: a crop recipe's batch of thousands of windows is no guide.
     val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
-                                 ram_cache_gb=tc.ram_cache_gb)
+                                 ram_cache_gb=tc.ram_cache_gb, device=device)
     optimizer = torch.optim.Adam(_param_groups(model, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
@@ -178,7 +180,9 @@ def train_decoder(
         whole = train_batches.whole_maps()
         positions = whole.n * specs[0].height * specs[0].width
         keep = min(1.0, max(WARM_START_ROWS / max(positions, 1), 0.02))
-        report = model.decoder.warm_start(_FirstMap(whole), keep=keep, seed=tc.seed)
+        # The closed-form fit builds its systems on the CPU: fit there, then move back.
+        report = model.cpu().decoder.warm_start(_FirstMap(whole), keep=keep, seed=tc.seed)
+        model.to(device)
         log.info("warm start: linear path fitted on %d positions in %.1fs", report["positions"], report["seconds"])
     epoch = 0
     for epoch in range(1, tc.epochs + 1):
@@ -188,8 +192,9 @@ def train_decoder(
             feats, target = decoder_inputs(feats, device), target.to(device)
             # Windows with context: only the outputs whose window saw real context (decoders that
             # declare a context_margin provide forward_valid for that).
-            pred = model.decoder.forward_valid(feats[0]) if crop is not None and crop.margin else model(feats)
-            loss, _ = criterion(pred, target)
+            with precision.autocast(device):  # bf16 on CUDA; nothing changes elsewhere
+                pred = model.decoder.forward_valid(feats[0]) if crop is not None and crop.margin else model(feats)
+            loss, _ = criterion(precision.float32(pred), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -304,7 +309,8 @@ def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device) 
     with torch.no_grad():
         for feats, target in batches:
             feats, target = [f.to(device) for f in feats], target.to(device)
-            pred = model(feats)
+            with precision.autocast(device):
+                pred = precision.float32(model(feats))  # loss and PSNR in float32
             loss, _ = criterion(pred, target)
             mse = ((pred - target) ** 2).flatten(1).mean(1).clamp_min(1e-10)
             total += float(loss) * target.shape[0]
