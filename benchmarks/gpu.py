@@ -65,13 +65,13 @@ from benchmarks import run
 from benchmarks.common import RESULTS, WORK, machine, table, write_json
 from featinv import precision
 from featinv.config import Config, DataConfig, ExtractConfig, LossConfig, load_params
-from featinv.feature_store import FeatureStore, store_path
-from featinv.image_store import ImageStore
-from featinv.loader import FeatureBatches
-from featinv.losses import ReconstructionLoss
-from featinv.study import plan_runs
-from featinv.taps import TapEncoder, resolve_tap
-from featinv.train import decoder_inputs, run_taps
+from featinv.store.feature_store import FeatureStore, store_path
+from featinv.data.image_store import ImageStore
+from featinv.store.loader import FeatureBatches
+from featinv.training.losses import ReconstructionLoss
+from featinv.study.grid import plan_runs
+from featinv.encoders.taps import TapEncoder, resolve_tap
+from featinv.training.train import decoder_inputs, run_taps
 
 __all__ = ["Plan", "GPU", "CPU", "DRY", "SECTIONS", "main"]
 
@@ -94,17 +94,17 @@ CHILD_TIMEOUT = 300  # seconds for one start-up child process
 PROFILED = {
     ("pipeline/common.py", "run"): "stage main (all but module imports)",
     ("torch/_dynamo/__init__.py", "<module>"): "import torch._dynamo (first Adam)",
-    ("featinv/train.py", "open_feature_stores"): "open feature stores",
-    ("featinv/loader.py", "__init__"): "FeatureBatches set-up (RAM load)",
-    ("featinv/train.py", "train_decoder"): "train_decoder",
-    ("featinv/train.py", "_validate"): "validation",
-    ("featinv/model.py", "save_checkpoint"): "save_checkpoint",
-    ("featinv/train.py", "_annotate"): "re-save best.pt (_annotate)",
-    ("featinv/evaluate.py", "evaluate_run"): "evaluate_run",
-    ("featinv/model.py", "load_checkpoint"): "load_checkpoint",
-    ("featinv/metrics.py", "__init__"): "LPIPS metric set-up",
-    ("featinv/metrics.py", "image_metrics"): "PSNR/SSIM",
-    ("featinv/evaluate.py", "_write_grid"): "comparison grid PNG",
+    ("featinv/training/train.py", "open_feature_stores"): "open feature stores",
+    ("featinv/store/loader.py", "__init__"): "FeatureBatches set-up (RAM load)",
+    ("featinv/training/train.py", "train_decoder"): "train_decoder",
+    ("featinv/training/train.py", "_validate"): "validation",
+    ("featinv/training/model.py", "save_checkpoint"): "save_checkpoint",
+    ("featinv/training/train.py", "_annotate"): "re-save best.pt (_annotate)",
+    ("featinv/evaluation/evaluate.py", "evaluate_run"): "evaluate_run",
+    ("featinv/training/model.py", "load_checkpoint"): "load_checkpoint",
+    ("featinv/evaluation/metrics.py", "__init__"): "LPIPS metric set-up",
+    ("featinv/evaluation/metrics.py", "image_metrics"): "PSNR/SSIM",
+    ("featinv/evaluation/evaluate.py", "_write_grid"): "comparison grid PNG",
 }
 
 
@@ -321,8 +321,8 @@ def startup_section(ctx: _Context) -> dict:
         "import torch; t.append(time.perf_counter())\n"
         "import skimage.metrics._structural_similarity; t.append(time.perf_counter())\n"
         "from skimage.metrics import peak_signal_noise_ratio; t.append(time.perf_counter())\n"
-        "import featinv.train; t.append(time.perf_counter())\n"
-        "import featinv.evaluate; t.append(time.perf_counter())\n"
+        "import featinv.training.train; t.append(time.perf_counter())\n"
+        "import featinv.evaluation.evaluate; t.append(time.perf_counter())\n"
         "import pipeline.study_run; t.append(time.perf_counter())\n"
         "import torch._dynamo; t.append(time.perf_counter())\n"
         f"if {device.type == 'cuda'}:\n"

@@ -3,7 +3,7 @@
     python -m benchmarks.peak_rss < job.pickle     # prints {"peak_rss_mb": ...}
 
 stdin holds a pickled ``(cfg, images, features, out)`` job for
-``featinv.train.train_decoder``, or None to measure the imports alone (the
+``featinv.training.train.train_decoder``, or None to measure the imports alone (the
 baseline).  Only what training needs is imported, so the baseline is the same
 for every job.
 
@@ -20,7 +20,7 @@ import resource
 import sys
 from pathlib import Path
 
-from featinv.train import train_decoder
+from featinv.training.train import train_decoder
 
 
 def peak_rss_mb() -> float:

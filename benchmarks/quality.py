@@ -40,15 +40,15 @@ import torch
 
 from benchmarks.common import NATURAL, RESULTS, WORK, machine, table, write_json
 from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, LossConfig, TrainConfig, with_overrides
-from featinv.evaluate import _stores_of, evaluate_run, predict_split
-from featinv.feature_store import extract_features, store_path
-from featinv.image_store import ImageStore, prepare_images
-from featinv.model import check_checkpoint, load_checkpoint
+from featinv.evaluation.evaluate import _stores_of, evaluate_run, predict_split
+from featinv.store.feature_store import extract_features, store_path
+from featinv.data.image_store import ImageStore, prepare_images
+from featinv.training.model import check_checkpoint, load_checkpoint
 from featinv.presets import PRESETS, preset_overrides
-from featinv.refine import choose_refinement
-from featinv.study import depth_figure
-from featinv.taps import resolve_tap, weights_id
-from featinv.train import TrainResult, train_decoder
+from featinv.evaluation.refine import choose_refinement
+from featinv.study.leaderboard import depth_figure
+from featinv.encoders.taps import resolve_tap, weights_id
+from featinv.training.train import TrainResult, train_decoder
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -74,7 +74,7 @@ DEFAULT_DECODERS = {"vgg16/block1": ["transposed_conv", "residual_shuffle", "loc
 OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # Refinement settings tried on the validation split; the best is used on the test set (or none).
 # The L-BFGS candidates are for deep taps, where a single per-pixel refinement adds detail the
-# features do not determine (module docstring of featinv.refine): a 2× coarser correction; the
+# features do not determine (module docstring of featinv.evaluation.refine): a 2× coarser correction; the
 # same followed by one decoder back-projection; and the `deep_refine` preset, the mean of 4 such
 # refinements from antithetic noisy starts, back-projected (4 refinements' cost, in selection too).
 DEEP_REFINE = {key.removeprefix("evaluate.refine_"): value for key, value in PRESETS["deep_refine"].items()

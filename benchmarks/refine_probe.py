@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.common import NATURAL, RESULTS, WORK, machine, table, write_json
 from benchmarks.quality import SEED, WEIGHTS_SEED, prepared_images
-from featinv.image_store import ImageStore
-from featinv.metrics import image_metrics
-from featinv.refine import refine_images
-from featinv.taps import build_encoder
+from featinv.data.image_store import ImageStore
+from featinv.evaluation.metrics import image_metrics
+from featinv.evaluation.refine import refine_images
+from featinv.encoders.taps import build_encoder
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -52,18 +52,18 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, WORK, machine, table, write_json
-from featinv import feature_store
+from featinv.store import feature_store
 from featinv.config import Config, DataConfig, ExtractConfig, LossConfig, TrainConfig, load_params
-from featinv.feature_store import FeatureStore, extract_features, store_path
-from featinv.image_store import ImageStore, prepare_images
-from featinv.loader import FeatureBatches
-from featinv.losses import ReconstructionLoss
-from featinv.model import ENSEMBLE, build_reconstructor
-from featinv.sources import SPLITS, collect_images
-from featinv.study import plan_runs
-from featinv.taps import TapEncoder, build_encoder, list_taps, resolve_tap
-from featinv.train import decoder_inputs
-from featinv.zarr_utils import digest, partial_path, remove_tree
+from featinv.store.feature_store import FeatureStore, extract_features, store_path
+from featinv.data.image_store import ImageStore, prepare_images
+from featinv.store.loader import FeatureBatches
+from featinv.training.losses import ReconstructionLoss
+from featinv.training.model import ENSEMBLE, build_reconstructor
+from featinv.data.sources import SPLITS, collect_images
+from featinv.study.grid import plan_runs
+from featinv.encoders.taps import TapEncoder, build_encoder, list_taps, resolve_tap
+from featinv.training.train import decoder_inputs
+from featinv.store.zarr_utils import digest, partial_path, remove_tree
 
 __all__ = ["Plan", "QUICK", "FULL", "main"]
 
@@ -422,7 +422,7 @@ def memory_figure(plan: Plan, work: Path) -> dict:
         "tap": MEMORY_TAP,
         "method": "peak RSS (VmHWM) of a fresh process running train_decoder "
                   f"(1 epoch of {plan.memory_samples_per_epoch} samples + validation); baseline: the same process "
-                  "importing featinv.train only",
+                  "importing featinv.training.train only",
         "train_samples": sizes,
         "feature_mb": feature_mb,
         "baseline_mb": baseline,

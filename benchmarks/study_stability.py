@@ -20,11 +20,11 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, WORK, machine, write_json
 from featinv.config import load_params, with_overrides
-from featinv.evaluate import evaluate_run
-from featinv.feature_store import extract_features, store_path
-from featinv.image_store import prepare_images
-from featinv.study import plan_runs
-from featinv.train import run_taps, train_decoder
+from featinv.evaluation.evaluate import evaluate_run
+from featinv.store.feature_store import extract_features, store_path
+from featinv.data.image_store import prepare_images
+from featinv.study.grid import plan_runs
+from featinv.training.train import run_taps, train_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 

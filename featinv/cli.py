@@ -51,7 +51,7 @@ def _config(params: Path, overrides: list[str] | None) -> Config:
 @_handles_errors
 def taps(as_json: JsonOpt = False) -> None:
     """List the built-in encoder taps with their activation shapes (channels × H × W)."""
-    from featinv.taps import list_taps
+    from featinv.encoders.taps import list_taps
 
     specs = list_taps()
     if as_json:
@@ -73,7 +73,7 @@ def decoders(as_json: JsonOpt = False,
              tap: Annotated[Optional[list[str]], typer.Option(help="taps to size for (default: all)")] = None) -> None:
     """List the decoders with their parameter count for each tap's shape."""
     from featinv.decoders import DECODERS, build_decoder, count_parameters
-    from featinv.taps import list_taps, resolve_tap
+    from featinv.encoders.taps import list_taps, resolve_tap
 
     specs = [resolve_tap(t) for t in tap] if tap else list_taps()
     rows = [{"decoder": name, "tap": s.name, "params": count_parameters(build_decoder(name, s.shape))}
@@ -95,7 +95,7 @@ def decoders(as_json: JsonOpt = False,
 def prepare(out: Annotated[Path, typer.Option(help="image store to write")] = Path("data/prepared/images.zarr"),
             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Collect and preprocess the images of `data.source` into an image store."""
-    from featinv.image_store import prepare_images
+    from featinv.data.image_store import prepare_images
 
     cfg = _config(params, set_)
     with progress_bar("prepare images") as progress:
@@ -109,7 +109,7 @@ def extract(tap: Annotated[Optional[list[str]], typer.Option(help="tap(s) to ext
             images: Path = Path("data/prepared/images.zarr"), features: Path = Path("data/features"),
             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run each tap's truncated encoder once over every sample; write data/features/<tap>.zarr."""
-    from featinv.feature_store import extract_features, store_path
+    from featinv.store.feature_store import extract_features, store_path
 
     cfg = _config(params, set_)
     for name in tap or cfg.taps:
@@ -124,7 +124,7 @@ def extract(tap: Annotated[Optional[list[str]], typer.Option(help="tap(s) to ext
 def train(images: Path = Path("data/prepared/images.zarr"), features: Path = Path("data/features"),
           out: Path = Path("data/train"), params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Train the configured decoder from the cached features (the encoder is never built)."""
-    from featinv.train import train_decoder
+    from featinv.training.train import train_decoder
 
     cfg = _config(params, set_)
     result = train_decoder(cfg, images, features, out)
@@ -150,12 +150,12 @@ def evaluate(checkpoint: Annotated[Optional[Path], typer.Option(
     """Evaluate a checkpoint on the test split (or a held-out folder): metrics JSON, per-image CSV, PNG grid."""
     import dataclasses
 
-    from featinv.evaluate import evaluate_run
+    from featinv.evaluation.evaluate import evaluate_run
 
     cfg = _config(params, set_)
     ecfg = cfg.evaluate if refine is None else dataclasses.replace(cfg.evaluate, refine=refine)
     if on is not None:
-        from featinv.heldout import evaluate_on_folder, heldout_work_dir
+        from featinv.evaluation.heldout import evaluate_on_folder, heldout_work_dir
 
         work = heldout_work_dir(HELDOUT_ROOT, on)
         with progress_bar(f"held-out {on}") as bar:
@@ -204,7 +204,7 @@ def reconstruct(
 ) -> None:
     """Reconstruct your own images through a trained run; writes original | reconstruction | difference."""
     from featinv.device import resolve_device
-    from featinv.reconstruct import reconstruct_images, render_reconstructions
+    from featinv.evaluation.reconstruct import reconstruct_images, render_reconstructions
 
     checkpoint = _resolve_run(run)
     dev, _ = resolve_device(device, "--device")
@@ -281,9 +281,9 @@ def study(list_runs: Annotated[bool, typer.Option("--list", help="list the runs 
     import sys
 
     from featinv.errors import ParamsError
-    from featinv.executors import EXECUTORS, ClusterError, StudyRequest
-    from featinv.executors.progress import study_progress
-    from featinv.study import plan_runs
+    from featinv.study.executors import EXECUTORS, ClusterError, StudyRequest
+    from featinv.study.executors.progress import study_progress
+    from featinv.study.grid import plan_runs
 
     cfg = load_params(params)
     runs = plan_runs(cfg)
@@ -347,8 +347,8 @@ def _run_dvc_repro(targets: list[str], dry: bool = False) -> dict[str, int]:
     """Run `dvc repro <targets>`, streaming its output; return how often each stage ran."""
     import sys
 
-    from featinv.executors import StudyRequest
-    from featinv.executors.local import repro
+    from featinv.study.executors import StudyRequest
+    from featinv.study.executors.local import repro
 
     return repro(StudyRequest(root=Path.cwd(), target=STUDY_DVC_YAML, echo=sys.stderr.write), targets, dry=dry)
 

@@ -37,7 +37,7 @@ DataSource = Literal["sample", "folder", "div2k"]
 RefineOptimizer = Literal["adam", "lbfgs"]
 REFINE_OPTIMIZERS: tuple[str, ...] = get_args(RefineOptimizer)
 # "random" | "imagenet" | a path to a state dict, or a mapping from tap / `timm:<model>` / family to one
-# of those with a `default` (featinv.taps.weights_for_tap resolves it per tap).
+# of those with a `default` (featinv.encoders.taps.weights_for_tap resolves it per tap).
 Weights = str | dict[str, str]
 Normalisation = Literal["auto", "imagenet", "inception"]
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -75,7 +75,7 @@ def channels_last(obj, device: torch.device | str):
 
     Anything else, on any other device, comes back unchanged: on the CPU the training step
     already hands decoders channels_last maps where that was measured to pay
-    (``featinv.train.decoder_inputs``), and encoders are left as built.
+    (``featinv.training.train.decoder_inputs``), and encoders are left as built.
     """
     if torch.device(device).type != "cuda":
         return obj

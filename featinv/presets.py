@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     # Refinement for deep taps, where the features leave fine detail undetermined: L-BFGS on a
     # 2× coarser correction, the mean of 4 refinements from antithetic noisy starts, then one
-    # decoder back-projection (featinv.refine explains each; BENCHMARKS.md measures them).
+    # decoder back-projection (featinv.evaluation.refine explains each; BENCHMARKS.md measures them).
     "deep_refine": {
         "evaluate.refine": 25,
         "evaluate.refine_optimizer": "lbfgs",

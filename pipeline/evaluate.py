@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: test-split PSNR/SSIM/LPIPS → metrics JSON, per-image CSV, PNG grid."""
 
-from featinv.evaluate import evaluate_run
+from featinv.evaluation.evaluate import evaluate_run
 from pipeline.common import config, parser, run
 
 

@@ -1,7 +1,7 @@
 """DVC stage `extract@<tap>`: run the encoder truncated at one tap once; write its feature store."""
 
 from featinv.console import progress_bar
-from featinv.feature_store import extract_features
+from featinv.store.feature_store import extract_features
 from pipeline.common import config, parser, run
 
 

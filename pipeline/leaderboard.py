@@ -1,6 +1,7 @@
 """DVC stage `study/dvc.yaml:leaderboard`: rank the study's runs; write the leaderboard and figures."""
 
-from featinv.study import best_runs_figure, collect_results, depth_figure, leaderboard, plan_runs, write_leaderboard
+from featinv.study.grid import plan_runs
+from featinv.study.leaderboard import best_runs_figure, collect_results, depth_figure, leaderboard, write_leaderboard
 from pipeline.common import config, parser, run
 
 

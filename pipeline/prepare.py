@@ -1,7 +1,7 @@
 """DVC stage `prepare`: source images → data/prepared/images.zarr (uint8 pixels + ids per split)."""
 
 from featinv.console import progress_bar
-from featinv.image_store import prepare_images
+from featinv.data.image_store import prepare_images
 from pipeline.common import config, parser, run
 
 

@@ -6,8 +6,8 @@ The run's encoder/fusion/decoder/epochs arrive as `--set` overrides from the mat
 import dataclasses
 from pathlib import Path
 
-from featinv.evaluate import evaluate_run
-from featinv.train import train_decoder
+from featinv.evaluation.evaluate import evaluate_run
+from featinv.training.train import train_decoder
 from pipeline.common import config, parser, run
 
 

@@ -2,7 +2,7 @@
 
 from dvclive import Live
 
-from featinv.train import train_decoder
+from featinv.training.train import train_decoder
 from pipeline.common import config, parser, run
 
 

@@ -9,10 +9,12 @@ import pytest
 from PIL import Image
 
 from featinv.config import Config, DataConfig, ExtractConfig
-from featinv.feature_store import extract_features, store_path
-from featinv.image_store import prepare_images
+from featinv.store.feature_store import extract_features, store_path
+from featinv.data.image_store import prepare_images
 
 REPO = Path(__file__).resolve().parents[1]
+# <repo>/../shared/weights: genuine ImageNet weights, read in place (CI clones the repo next to shared/).
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights"
 TINY_DATA = DataConfig(source="sample", max_images=10, train_views=2)
 TINY_EXTRACT = ExtractConfig(device="cpu", batch_size=4)
 

@@ -91,7 +91,7 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path):
 def test_quality_weights_flag_and_rows_keyed_by_weights(tmp_path):
     """`--weights KEY=PATH` becomes a per-family weights mapping; --append keys rows by (tap, decoder, weights)."""
     from benchmarks import quality
-    from featinv.taps import resolve_tap, weights_id
+    from featinv.encoders.taps import resolve_tap, weights_id
 
     assert quality.weights_setting([]) == "random"
     vgg = tmp_path / "vgg.pth"

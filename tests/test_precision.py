@@ -5,12 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from featinv import loader, precision
+from featinv import precision
+from featinv.store import loader
 from featinv.config import LossConfig
-from featinv.feature_store import FeatureStore, store_path
-from featinv.image_store import ImageStore
-from featinv.loader import FeatureBatches
-from featinv.losses import ReconstructionLoss
+from featinv.store.feature_store import FeatureStore, store_path
+from featinv.data.image_store import ImageStore
+from featinv.store.loader import FeatureBatches
+from featinv.training.losses import ReconstructionLoss
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_prefetched_keeps_order_raises_in_the_consumer_and_stops_when_closed():
 
 def test_cpu_feature_maps_arrive_channels_last(tiny_images, tiny_features):
     """One conversion pass: decoder_inputs then has nothing left to copy."""
-    from featinv.train import decoder_inputs
+    from featinv.training.train import decoder_inputs
 
     store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
     feats, pixels01 = next(iter(FeatureBatches([store.split("train")], ImageStore(tiny_images).pixels("train"), 2)))

@@ -200,8 +200,8 @@ stages:
 
 
 def test_a_stage_failing_on_every_try_is_reported_with_its_log_and_the_others_finish(tmp_path, s3, monkeypatch):
-    from featinv.executors import StudyRequest
-    from featinv.executors.dask import run_dask
+    from featinv.study.executors import StudyRequest
+    from featinv.study.executors.dask import run_dask
 
     root = tmp_path / "toy"
     (root / "study").mkdir(parents=True)

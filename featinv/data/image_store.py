@@ -1,0 +1,303 @@
+"""The prepared-image store: uint8 pixels and ids per split, in Zarr.
+
+Layout of ``images.zarr``::
+
+    train/pixels  (N_train · views, 224, 224, 3) uint8   seeded augmented views
+    val/pixels    (N_val, 224, 224, 3) uint8             centre crops
+    test/pixels   (N_test, 224, 224, 3) uint8            centre crops
+    attrs: ids per split, source image per sample, preprocessing, fingerprint,
+           duplicates_across_splits, upsampled
+
+Targets for training are these pixels / 255 — never ImageNet-normalised
+tensors (the published study's mistake).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from featinv.config import DataConfig
+from featinv.errors import StorageError, StoreIncompleteError
+from featinv.data.images import center_crop, display_path, random_view, resize_square, view_rng
+from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
+from featinv.store.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
+
+__all__ = ["ImageStore", "prepare_images", "PrepareReport"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+_SHOWN_IDS = 5  # ids quoted in a warning; the store attrs hold them all
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareReport:
+    """What :func:`prepare_images` wrote."""
+
+    path: Path
+    counts: dict[str, int]
+    fingerprint: str
+
+
+class ImageStore:
+    """Read access to a prepared image store.
+
+    Raises (on open):
+        StoreIncompleteError: the path is not a complete featinv image store.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreIncompleteError(
+                f"{self.path}: no image store here; run `dvc repro prepare` (or `featinv prepare`)"
+            )
+        self.group = open_group(self.path)
+        attrs = dict(self.group.attrs)
+        if attrs.get("featinv") != "images" or not attrs.get("complete"):
+            raise StoreIncompleteError(f"{self.path}: not a complete featinv image store")
+        self.attrs = attrs
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def crop(self) -> int:
+        return int(self.attrs["preprocessing"]["crop"])
+
+    def ids(self, split: str) -> list[str]:
+        """Sample ids of ``split`` (train ids carry the view: ``image#v2``)."""
+        return list(self.attrs["ids"][split])
+
+    def count(self, split: str) -> int:
+        return len(self.attrs["ids"][split])
+
+    def pixels(self, split: str):
+        """The (N, H, W, 3) uint8 Zarr array of ``split``."""
+        return self.group[f"{split}/pixels"]
+
+
+def prepare_images(
+    cfg: DataConfig,
+    seed: int,
+    out: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 4,
+    pools: SourcePools | None = None,
+) -> PrepareReport:
+    """Collect, preprocess and store the images of every split.
+
+    Args:
+        cfg: the ``data`` params.
+        seed: split and augmentation seed.
+        out: the image store to write (``data/prepared/images.zarr``).
+        progress: called as ``progress(done, total)`` after each image.
+        workers: decoding threads (PIL releases the GIL while decoding/resizing).
+        pools: the images of each split, instead of ``cfg.source``'s (a split may be empty:
+            a held-out test set has only ``test``).
+
+    Images whose decoded pixels are identical in train/val and test are
+    reported (a warning, and ``attrs["duplicates_across_splits"]``): their test
+    scores are not held out.  Images smaller than ``cfg.resize`` on their shorter
+    side are upsampled; one warning counts them (``attrs["upsampled"]``).
+
+    Raises:
+        DataSourceError / BadImageError / ParamsError: from the source; no store is left behind.
+        StorageError: writing the store failed (disk full, permission denied,
+            read-only filesystem); no store or ``.partial`` is left behind.
+    """
+    out = Path(out)
+    if cfg.crop > cfg.resize:
+        from featinv.errors import ParamsError
+
+        raise ParamsError(f"`data.crop` ({cfg.crop}) must not exceed `data.resize` ({cfg.resize})")
+    pools = collect_images(cfg, seed) if pools is None else {s: list(pools.get(s, [])) for s in SPLITS}
+    partial = partial_path(out)
+    with _storage_errors(out):
+        remove_tree(partial)
+    total = sum(len(pools[s]) for s in SPLITS)
+    done = 0
+    ids: dict[str, list[str]] = {}
+    sources: dict[str, list[str]] = {}
+    pixel_digests: dict[str, list[tuple[str, str]]] = {}  # split → (image id, sha256 of its decoded pixels)
+    upsampled: dict[str, list[str]] = {}
+    content = hashlib.sha256()
+    try:
+        with _storage_errors(out):
+            group = open_group(partial, mode="w")
+        for split in SPLITS:
+            views = cfg.train_views if split == "train" else 1
+
+            def make(
+                image: SourceImage, split: str = split, views: int = views
+            ) -> tuple[list[np.ndarray], str, bool]:
+                rgb = image.load()
+                # Hashed here, where the pixels are already decoded, to spot test leakage.
+                pixels_sha = hashlib.sha256(str(rgb.shape).encode())
+                pixels_sha.update(np.ascontiguousarray(rgb).tobytes())
+                small = min(rgb.shape[:2]) < cfg.resize
+                resized = resize_square(rgb, cfg.resize)
+                if split != "train":
+                    crops = [center_crop(resized, cfg.crop)]
+                else:
+                    crops = [random_view(resized, cfg.crop, view_rng(seed, image.id, v)) for v in range(views)]
+                return crops, pixels_sha.hexdigest(), small
+
+            n = len(pools[split]) * views
+            with _storage_errors(out):
+                pixels = group.create_array(
+                    f"{split}/pixels",
+                    shape=(n, cfg.crop, cfg.crop, 3),
+                    chunks=(1, cfg.crop, cfg.crop, 3),
+                    dtype="uint8",
+                    compressors=compressors_for("zstd", clevel=3, typesize=1),
+                )
+            ids[split], sources[split], pixel_digests[split], upsampled[split] = [], [], [], []
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
+                for i, (image, (crops, pixels_sha, small)) in enumerate(
+                    zip(pools[split], pool.map(make, pools[split]))
+                ):
+                    batch = np.stack(crops)
+                    with _storage_errors(out):
+                        # One chunk per call: if a write fails, Zarr has no sibling chunk
+                        # writes still in flight that could land after the cleanup.
+                        for v in range(views):
+                            pixels[i * views + v] = batch[v]
+                    content.update(batch.tobytes())
+                    for v in range(views):
+                        ids[split].append(f"{image.id}#v{v}" if split == "train" else image.id)
+                        sources[split].append(image.id)
+                    pixel_digests[split].append((image.id, pixels_sha))
+                    if small:
+                        upsampled[split].append(image.id)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            finally:
+                # On failure, drop queued decodes instead of finishing them all first.
+                pool.shutdown(wait=True, cancel_futures=True)
+        preprocessing = {
+            "resize": cfg.resize,
+            "crop": cfg.crop,
+            "interpolation": "bicubic",
+            "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views",
+            "eval": f"centre crop {cfg.crop}",
+        }
+        fingerprint = digest(
+            {"format": FORMAT_VERSION, "ids": ids, "preprocessing": preprocessing,
+             "seed": seed, "pixels_sha256": content.hexdigest()}
+        )
+        duplicates = _duplicates_across_splits(pixel_digests)
+        _warn_about(duplicates, upsampled, cfg.resize, total)
+        with _storage_errors(out):
+            group.attrs.update(
+                {
+                    "featinv": "images",
+                    "format": FORMAT_VERSION,
+                    "source": cfg.source,
+                    "data": dataclasses.asdict(cfg),  # what training compares its params with
+                    "seed": seed,
+                    "ids": ids,
+                    "source_ids": sources,
+                    "preprocessing": preprocessing,
+                    "fingerprint": fingerprint,
+                    "duplicates_across_splits": duplicates,
+                    "upsampled": upsampled,
+                    "complete": True,
+                }
+            )
+            commit_dir(partial, out)
+    except BaseException:
+        _discard(partial)  # never leave a half-written store behind
+        raise
+    counts = {s: len(ids[s]) for s in SPLITS}
+    log.info("prepared %s: %s", out, counts)
+    return PrepareReport(out, counts, fingerprint)
+
+
+def _duplicates_across_splits(pixel_digests: dict[str, list[tuple[str, str]]]) -> list[dict[str, str]]:
+    """Test images whose decoded pixels equal a train or val image's: ``{"test", "split", "id"}``."""
+    seen: dict[str, tuple[str, str]] = {}
+    for split in ("train", "val"):
+        for image_id, sha in pixel_digests[split]:
+            seen.setdefault(sha, (split, image_id))
+    return [
+        {"test": image_id, "split": seen[sha][0], "id": seen[sha][1]}
+        for image_id, sha in pixel_digests["test"]
+        if sha in seen
+    ]
+
+
+def _warn_about(duplicates: list[dict[str, str]], upsampled: dict[str, list[str]], resize: int, total: int) -> None:
+    if duplicates:
+        pairs = ", ".join(f"test {d['test']!r} = {d['split']} {d['id']!r}" for d in duplicates[:_SHOWN_IDS])
+        log.warning(
+            "%d test image(s) are pixel-identical to train/val images (test leakage: their scores "
+            "are not held out): %s%s; remove the copies from one split (all are listed in the "
+            "store attrs 'duplicates_across_splits')",
+            len(duplicates), pairs, ", …" if len(duplicates) > _SHOWN_IDS else "",
+        )
+    small = [image_id for split in SPLITS for image_id in upsampled[split]]
+    if small:
+        log.warning(
+            "%d of %d source image(s) have a shorter side below data.resize=%d and were upsampled "
+            "(bicubic) to %d×%d, e.g. %s; their targets are partly interpolation (listed in the "
+            "store attrs 'upsampled')",
+            len(small), total, resize, resize, resize, ", ".join(map(repr, small[:_SHOWN_IDS])),
+        )
+
+
+@contextmanager
+def _storage_errors(out: Path):
+    """Turn an OSError while writing the store into one StorageError naming it and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        where = display_path(out.parent.resolve())
+        code = errno.errorcode.get(exc.errno or 0, "")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space on {where} or set --out elsewhere"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            fix = f"make {where} writable or set --out elsewhere"
+        elif exc.errno == errno.EROFS:
+            fix = f"{where} is on a read-only filesystem: set --out elsewhere"
+        else:
+            fix = f"check {where} or set --out elsewhere"
+        detail = exc.strerror or str(exc)
+        if exc.filename is not None:
+            detail += f" at {display_path(exc.filename)}"
+        raise StorageError(
+            f"{display_path(out)}: writing the image store failed ({code + ': ' if code else ''}{detail}); "
+            f"{fix}"
+        ) from None
+
+
+def _discard(partial: Path) -> None:
+    """Remove a half-written store, after any write already handed to Zarr's I/O thread has landed."""
+    for attempt in range(2):
+        try:
+            remove_tree(partial)
+        except OSError as exc:  # files appeared mid-removal, or no permission to delete
+            if attempt:
+                log.warning("could not remove the half-written %s (%s); delete it by hand",
+                            display_path(partial), exc)
+                return
+        # A chunk write interrupted by Ctrl-C keeps running on Zarr's I/O thread
+        # and can recreate files just removed; look again once it has had time.
+        time.sleep(0.05)
+        if not partial.exists():
+            return
+    log.warning("could not remove the half-written %s; delete it by hand", display_path(partial))

@@ -1,0 +1,1 @@
+"""Frozen encoders truncated at a tap: the tap registry, weights (random, ImageNet, files, packaged) and normalisation."""

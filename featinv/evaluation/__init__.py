@@ -1,0 +1,1 @@
+"""Scoring a trained run: metrics, non-learned baselines, refinement, held-out folders, figures."""

@@ -1,0 +1,250 @@
+"""Batches of cached features + target pixels, straight from the Zarr stores.
+
+The encoder never runs here.  A split's features are loaded into RAM once when
+they fit ``ram_cache_gb`` (reading is then free); otherwise each batch is read
+with one orthogonal selection per store on a background thread, so chunk
+decompression overlaps the training step.
+
+For a CUDA ``device`` a batch leaves the loader on the device: it is read on the
+background thread (RAM-cached splits too), kept as float16 features and uint8 pixels
+in page-locked memory, copied on a side stream with ``non_blocking`` and converted to
+float32 on the GPU (:mod:`featinv.precision`).  On the CPU nothing of that happens.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from featinv import precision
+
+__all__ = ["FeatureBatches", "FeatureCrop"]
+
+log = logging.getLogger(__name__)
+
+_PREFETCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCrop:
+    """Train on random windows of the feature maps instead of whole maps.
+
+    Each sample gets its own window: ``size``×``size`` positions anywhere in the map, plus
+    ``margin`` positions of context on each side, edge-replicated where they fall outside
+    the map (decoders that declare a context margin pad that way too, so border positions
+    train exactly as they are used).  The pixels returned are those under the inner
+    ``size``×``size`` positions (``scale`` pixels per position).
+    """
+
+    size: int
+    scale: int
+    margin: int = 0
+
+
+class FeatureBatches:
+    """Iterable over ``(feats, pixels01)`` batches of one split.
+
+    Args:
+        feature_arrays: one (N, C, h, w) float16 array per encoder (Zarr or NumPy).
+        pixel_array: the (N, H, W, 3) uint8 target pixels of the same samples.
+        batch_size: samples per batch.
+        shuffle: reshuffle every epoch (seeded by ``seed`` + epoch).
+        seed: shuffling seed.
+        ram_cache_gb: load features into RAM when their total size is at most this.
+        samples_per_epoch: draw this many samples per epoch (a seeded random subset, or
+            several reshuffled passes when larger than the split; None = every sample once).
+        drop_last: drop a final incomplete batch (keeps BatchNorm statistics sane).
+        crop: cut one random feature window per sample (see :class:`FeatureCrop`), in
+            float16 before conversion, so small windows cost little to load.
+        device: where the batches are delivered; CUDA gets pinned, asynchronous copies
+            (see the module docstring), anything else CPU tensors as before.
+        read_threads: background threads reading batches (in order); more than one lets
+            several batches decompress at once when streaming feeds a fast GPU.
+
+    Yields:
+        ``feats``: a list of float32 tensors (B, C, h, w), one per encoder;
+        ``pixels01``: float32 (B, 3, H, W) in [0, 1]; both on ``device``.
+    """
+
+    def __init__(
+        self,
+        feature_arrays: Sequence,
+        pixel_array,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        ram_cache_gb: float = 4.0,
+        samples_per_epoch: int | None = None,
+        drop_last: bool = False,
+        crop: FeatureCrop | None = None,
+        device: torch.device | str | None = None,
+        read_threads: int = 1,
+    ) -> None:
+        n = int(pixel_array.shape[0])
+        for arr in feature_arrays:
+            if int(arr.shape[0]) != n:
+                raise ValueError(f"feature array has {arr.shape[0]} samples, pixels {n}")
+        self.n = n
+        self.per_epoch = n if samples_per_epoch is None else samples_per_epoch
+        self.crop = crop
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last and self.per_epoch > batch_size
+        self.epoch = 0
+        self.device = torch.device("cpu" if device is None else device)
+        self.read_threads = read_threads
+        self._copy: precision.DeviceCopy | None = None  # made on first use (needs CUDA)
+        feature_bytes = sum(int(np.prod(a.shape[1:])) * 2 * self.n for a in feature_arrays)
+        self.in_ram = feature_bytes <= ram_cache_gb * 2**30
+        if self.in_ram:
+            self.features = [np.asarray(a[: self.n]) for a in feature_arrays]
+        else:
+            log.info("features (%.1f GB) exceed ram_cache_gb: streaming from the store", feature_bytes / 2**30)
+            if crop is not None:  # every window costs a whole-map read when streaming
+                log.warning("training on feature windows while streaming reads a whole map per window; "
+                            "set train.ram_cache_gb ≥ %.1f to keep the split in RAM", feature_bytes / 2**30 + 0.1)
+            self.features = list(feature_arrays)
+        self.pixels = np.asarray(pixel_array[: self.n])  # uint8: small next to the features
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.per_epoch, self.batch_size)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def whole_maps(self, batch_size: int = 8) -> FeatureBatches:
+        """One in-order pass over every sample, whole maps, no cropping (shares the cached arrays)."""
+        view = copy.copy(self)
+        view.crop, view.shuffle, view.per_epoch, view.drop_last = None, False, self.n, False
+        view.batch_size = batch_size
+        view.device = torch.device("cpu")  # closed-form warm starts run on the CPU
+        return view
+
+    def _order(self) -> np.ndarray:
+        passes = -(-self.per_epoch // self.n)  # more samples than the split: several passes
+        if not self.shuffle:
+            return np.tile(np.arange(self.n), passes)[: self.per_epoch]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.concatenate([rng.permutation(self.n) for _ in range(passes)])[: self.per_epoch]
+
+    def _read(self, index: np.ndarray, windows: np.ndarray | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        order = np.argsort(index, kind="stable")  # sorted reads touch chunks in order
+        index = index[order]
+        selected = False  # whether ``arrays`` already hold exactly this batch, in order
+        if self.in_ram:
+            arrays, rows = self.features, index
+        else:  # one orthogonal selection per store (unique, sorted), then rows of it
+            unique = np.unique(index)
+            arrays, rows = [np.asarray(f.oindex[unique]) for f in self.features], np.searchsorted(unique, index)
+            selected = len(unique) == len(index)
+        if windows is None:
+            feats = arrays if selected else [a[rows] for a in arrays]
+            pixels = self.pixels[index]
+        else:
+            feats, pixels = self._cut(arrays, rows, index, windows[order])
+        if self.device.type == "cuda":  # float16/uint8 to the device; float32 is made there (_arrive)
+            return self._copy.send([precision.pinned(f) for f in feats] + [precision.pinned(pixels)])
+        return _float_batch([torch.from_numpy(f) for f in feats], torch.from_numpy(pixels))
+
+    def _arrive(self, sent) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """A batch ``_read`` sent to CUDA, usable on the current stream, as float32."""
+        *feats, pixels = self._copy.receive(*sent)
+        return _float_batch(feats, pixels)
+
+    def _cut(self, arrays, rows: np.ndarray, index: np.ndarray, windows: np.ndarray):
+        """Each sample's window of features (with context margin) and the pixels under its centre.
+
+        One fancy-indexing gather per array (no per-sample Python loop), so batches of
+        thousands of tiny windows cost little.
+        """
+        size, scale, margin = self.crop.size, self.crop.scale, self.crop.margin
+        side = size + 2 * margin
+        height, width = arrays[0].shape[-2:]
+        # Context beyond the map edge repeats the edge (replicate padding).
+        feat_y = np.clip(windows[:, 0, None] + np.arange(side), 0, height - 1)[:, :, None]  # (B, side, 1)
+        feat_x = np.clip(windows[:, 1, None] + np.arange(side), 0, width - 1)[:, None, :]  # (B, 1, side)
+        # Advanced indices around a slice put their dims first: (B, side, side, C) → (B, C, side, side).
+        feats = [np.ascontiguousarray(a[rows[:, None, None], :, feat_y, feat_x].transpose(0, 3, 1, 2))
+                 for a in arrays]
+        pix = np.arange(size * scale)
+        pix_y = ((windows[:, 0] + margin) * scale)[:, None, None] + pix[None, :, None]
+        pix_x = ((windows[:, 1] + margin) * scale)[:, None, None] + pix[None, None, :]
+        pixels = self.pixels[index[:, None, None], pix_y, pix_x]  # (B, size·scale, size·scale, 3)
+        return feats, pixels
+
+    def _windows(self, count: int) -> np.ndarray | None:
+        """Top-left corners of this epoch's random windows, one per sample (seeded)."""
+        if self.crop is None:
+            return None
+        height, width = (int(v) for v in self.features[0].shape[-2:])
+        size, margin = self.crop.size, self.crop.margin
+        if size > min(height, width):
+            raise ValueError(f"feature crop {size} exceeds the {height}×{width} feature map")
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        # Corners of the context window: the inner crop covers every position, borders included.
+        return np.stack([rng.integers(-margin, height - size - margin + 1, count),
+                         rng.integers(-margin, width - size - margin + 1, count)], 1)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        order = self._order()
+        windows = self._windows(len(order))
+        self.epoch += 1
+        starts = range(0, len(order), self.batch_size)
+        batches = [(order[i : i + self.batch_size], None if windows is None else windows[i : i + self.batch_size])
+                   for i in starts]
+        if self.drop_last and len(batches[-1][0]) < self.batch_size:
+            batches.pop()
+        if self.device.type == "cuda":  # every batch through the background thread(s), then onto the GPU
+            if self._copy is None:
+                self._copy = precision.DeviceCopy(self.device)
+            stream = _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+            try:
+                for sent in stream:
+                    yield self._arrive(sent)
+            finally:
+                stream.close()
+            return
+        if self.in_ram and self.crop is None:  # whole maps from RAM: reading is a cheap slice
+            for index, corners in batches:
+                yield self._read(index, corners)
+            return
+        # Streaming reads, or window gathers: on a background thread, overlapping the step.
+        yield from _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+
+
+def _float_batch(feats: list[torch.Tensor], pixels_nhwc: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """float16 features → float32; uint8 (B, H, W, 3) pixels → float32 (B, 3, H, W) in [0, 1].
+
+    Feature maps come out channels_last, converted and transposed in one pass: the layout the
+    training step hands decoders (``featinv.training.train.decoder_inputs``), which otherwise costs a
+    second pass over the batch.
+    """
+    return ([f.to(dtype=torch.float32, memory_format=torch.channels_last) if f.dim() == 4 else f.float()
+             for f in feats], pixels_nhwc.permute(0, 3, 1, 2).float().div_(255.0))
+
+
+def _prefetched(read: Callable, batches: list, threads: int = 1) -> Iterator:
+    """``read`` of each of ``batches``, in order, computed on ``threads`` background threads a few batches ahead.
+
+    An exception in ``read`` is raised here, in the consumer; closing the iterator stops the
+    reading (a read in progress finishes first).
+    """
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featinv-loader")
+    pending: collections.deque = collections.deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(read, batch))
+            if len(pending) > _PREFETCH + threads - 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)

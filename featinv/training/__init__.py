@@ -1,0 +1,1 @@
+"""Decoders (and fusions) trained from the cache: the model, its losses and the training loop."""

@@ -1,0 +1,84 @@
+"""prepare_images: test leakage and upsampling are reported; a full disk leaves nothing behind."""
+
+import errno
+import logging
+import shutil
+
+import pytest
+import zarr
+
+from featinv.config import DataConfig
+from featinv.errors import StorageError
+from featinv.data.image_store import ImageStore, prepare_images
+
+from conftest import photo, write_image
+
+# Tiny images and crops keep each prepare well under a second.
+SMALL = {"resize": 40, "crop": 32, "train_views": 2}
+
+
+def _folders(tmp_path, n_train: int = 5, size: int = 48):
+    for i in range(n_train):
+        write_image(tmp_path / "train" / f"{i}.png", photo(size, seed=i))
+    write_image(tmp_path / "test" / "fresh.png", photo(size, seed=99))
+    return DataConfig(source="folder", train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"), **SMALL)
+
+
+def test_image_in_train_and_test_is_reported(tmp_path, caplog):
+    cfg = _folders(tmp_path)
+    shutil.copy(tmp_path / "train" / "2.png", tmp_path / "test" / "leak.png")
+    out = tmp_path / "images.zarr"
+    with caplog.at_level(logging.WARNING, logger="featinv.data.image_store"):
+        prepare_images(cfg, 42, out, workers=2)
+    leaks = [r.getMessage() for r in caplog.records if "test leakage" in r.getMessage()]
+    assert len(leaks) == 1 and leaks[0].startswith("1 test image(s)") and "'leak'" in leaks[0] and "'2'" in leaks[0]
+    (duplicate,) = ImageStore(out).attrs["duplicates_across_splits"]
+    assert duplicate["test"] == "leak" and duplicate["id"] == "2" and duplicate["split"] in ("train", "val")
+
+
+def test_distinct_images_are_not_reported_and_upsampling_is_counted_once(tmp_path, caplog):
+    cfg = _folders(tmp_path, size=36)  # shorter side 36 < data.resize 40: upsampled
+    out = tmp_path / "images.zarr"
+    with caplog.at_level(logging.WARNING, logger="featinv.data.image_store"):
+        prepare_images(cfg, 42, out, workers=2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("test leakage" in m for m in messages)
+    upsampled = [m for m in messages if "upsampled" in m]
+    assert len(upsampled) == 1 and upsampled[0].startswith("6 of 6 source image(s)")
+    store = ImageStore(out)
+    assert store.attrs["duplicates_across_splits"] == []
+    assert store.attrs["upsampled"]["test"] == ["fresh"]
+
+
+def test_disk_full_is_one_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
+    cfg = _folders(tmp_path, n_train=8)
+    out = tmp_path / "images.zarr"
+    real_setitem = zarr.Array.__setitem__
+    writes = []
+
+    def setitem(self, selection, value):  # the disk fills up after three chunks
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(selection)
+        real_setitem(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+    with pytest.raises(StorageError) as info:
+        prepare_images(cfg, 42, out, workers=2)
+    message = str(info.value)
+    assert str(out) in message and "ENOSPC" in message and "free space on" in message and "--out" in message
+    assert "\n" not in message
+    assert not out.exists() and not (tmp_path / "images.zarr.partial").exists()
+
+
+def test_permission_denied_names_the_fix(tmp_path, monkeypatch):
+    cfg = _folders(tmp_path)
+    out = tmp_path / "images.zarr"
+
+    def denied(self, selection, value):
+        raise PermissionError(errno.EACCES, "Permission denied", "c/0/0/0/0")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", denied)
+    with pytest.raises(StorageError, match=r"images.zarr: writing the image store failed \(EACCES: .*writable"):
+        prepare_images(cfg, 42, out, workers=2)
+    assert not out.exists() and not (tmp_path / "images.zarr.partial").exists()

@@ -1,0 +1,218 @@
+"""Training reads only the cache: no encoder is built, targets are pixels in [0, 1]."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import featinv.encoders.taps
+import featinv.training.train
+from featinv.config import LossConfig
+from featinv.errors import StoreMismatchError, WeightsUnavailableError
+from featinv.store.feature_store import FeatureStore, store_path
+from featinv.data.image_store import ImageStore
+from featinv.errors import ParamsError
+from featinv.store.loader import FeatureBatches, FeatureCrop
+from featinv.training.model import load_checkpoint
+from featinv.training.train import train_decoder
+
+
+class _Recorder:
+    def __init__(self):
+        self.epochs = []
+
+    def log_epoch(self, epoch, metrics):
+        self.epochs.append((epoch, metrics))
+
+
+@pytest.fixture
+def no_encoder(monkeypatch):
+    """Any attempt to build an encoder (or a network family) fails the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the encoder was constructed during training")
+
+    monkeypatch.setattr(featinv.encoders.taps, "build_encoder", forbidden)
+    monkeypatch.setattr(featinv.encoders.taps, "_build_network", forbidden)
+    import torchvision
+    import timm
+
+    monkeypatch.setattr(torchvision.models, "vgg16", forbidden)
+    monkeypatch.setattr(timm, "create_model", forbidden)
+
+
+def test_training_never_builds_the_encoder(tiny_config, tiny_images, tiny_features, tmp_path, no_encoder):
+    logger = _Recorder()
+    result = train_decoder(tiny_config, tiny_images, tiny_features, tmp_path / "run", logger=logger)
+    assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
+    assert [e for e, _ in logger.epochs] == [1, 2]
+    assert {"train/loss", "val/loss", "val/psnr", "lr"} <= set(logger.epochs[0][1])
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert meta["encoder"] == "vgg16/block1" and meta["weights"] == "random:seed=0"
+    assert meta["train_result"]["epochs_run"] == 2 and meta["crop"] == 224
+
+
+def test_targets_are_pixels_in_unit_range(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
+    feats, pixels01 = next(iter(FeatureBatches([store.split("train")], images.pixels("train"), 4)))
+    assert pixels01.min() >= 0 and pixels01.max() <= 1 and pixels01.max() > 0.5
+    expected = torch.from_numpy(images.pixels("train")[:4]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(pixels01, expected)  # raw pixels, not ImageNet-normalised
+    assert feats[0].dtype == torch.float32 and feats[0].shape == (4, 64, 112, 112)
+
+
+def test_streaming_loader_matches_ram_loader(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    ram = list(FeatureBatches([arr], images.pixels("train"), 5, shuffle=True, seed=3))
+    streamed = list(FeatureBatches([arr], images.pixels("train"), 5, shuffle=True, seed=3, ram_cache_gb=0))
+    assert len(ram) == len(streamed) == 3
+    for (fa, pa), (fb, pb) in zip(ram, streamed):
+        assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+
+
+def _locate(window, full_map):
+    """(top, left) where ``window`` (C, k, k) sits in ``full_map`` (C, h, w), or None."""
+    k = window.shape[-1]
+    for top in range(full_map.shape[-2] - k + 1):
+        for left in range(full_map.shape[-1] - k + 1):
+            if torch.equal(full_map[:, top : top + k, left : left + k], window):
+                return top, left
+    return None
+
+
+def test_feature_crops_pair_each_window_with_the_pixels_under_its_centre(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    crop = FeatureCrop(size=6, scale=2, margin=1)
+    (feats, pixels01), = list(FeatureBatches([arr], images.pixels("train"), 12, crop=crop))
+    assert FeatureBatches([arr], images.pixels("train"), 12, crop=crop)._windows(10_000).min() == -1
+    # Context beyond the map's edge is edge-replicated: look for the windows in a padded map.
+    full = torch.nn.functional.pad(torch.from_numpy(arr[:]).float(), (1, 1, 1, 1), mode="replicate")
+    full_pixels = torch.from_numpy(images.pixels("train")[:]).permute(0, 3, 1, 2).float() / 255
+    assert feats[0].shape == (12, 64, 8, 8) and pixels01.shape == (12, 3, 12, 12)
+    corners = set()
+    for i in range(12):  # in order (no shuffle): sample i
+        top, left = _locate(feats[0][i], full[i])
+        corners.add((top, left))
+        inner = full_pixels[i, :, top * 2 : (top + 6) * 2, left * 2 : (left + 6) * 2]  # (top, left) of the centre
+        assert torch.equal(pixels01[i], inner)
+    assert len(corners) > 1  # every sample gets its own window
+
+
+def test_cropped_streaming_loader_matches_ram_loader_over_several_passes(tiny_images, tiny_features):
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    kwargs = dict(shuffle=True, seed=3, samples_per_epoch=30, crop=FeatureCrop(8, 2, 1))
+    ram = list(FeatureBatches([arr], images.pixels("train"), 5, **kwargs))
+    streamed = list(FeatureBatches([arr], images.pixels("train"), 5, ram_cache_gb=0, **kwargs))
+    assert len(ram) == len(streamed) == 6  # 30 samples from a 12-sample split: 2½ passes
+    for (fa, pa), (fb, pb) in zip(ram, streamed):
+        assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+
+
+def test_local_mlp_trains_on_feature_windows_with_context(tiny_config, tiny_images, tiny_features, tmp_path):
+    train = dataclasses.replace(tiny_config.train, feature_crop=16, epochs=1, samples_per_epoch=24)
+    cfg = dataclasses.replace(tiny_config, decoder="local_mlp", train=train)
+    result = train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    assert result.train_steps == 6 and result.best_val_loss < 0.1  # the warm start alone is far better
+    too_wide = dataclasses.replace(cfg, train=dataclasses.replace(train, feature_crop=113))
+    with pytest.raises(ParamsError, match=r"feature_crop.*1\.\.112"):
+        train_decoder(too_wide, tiny_images, tiny_features, tmp_path / "run2")
+
+
+def test_lpips_loss_offline_is_a_clear_error(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    import featinv.training.losses
+
+    featinv.training.losses.load_lpips.cache_clear()
+    cfg = dataclasses.replace(tiny_config, train=dataclasses.replace(tiny_config.train, loss=LossConfig(lpips=0.5)))
+    with pytest.raises(WeightsUnavailableError, match="train.loss.lpips: 0"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    featinv.training.losses.load_lpips.cache_clear()
+
+
+def test_store_from_other_params_is_refused(tiny_config, tiny_images, tiny_features, tmp_path):
+    cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=7))
+    with pytest.raises(StoreMismatchError, match="random:seed=7"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+
+
+def test_ensembles_train_from_the_cached_stores_only(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
+    from featinv.store.feature_store import extract_features
+
+    from conftest import TINY_EXTRACT
+
+    shallow = ["resnet34/layer1", "vgg16/block1", "vit_small/block1", "pvt_v2_b2/stage1"]
+    for tap in shallow:  # the ensemble's stores, extracted beforehand as the pipeline does
+        extract_features(tiny_images, tap, store_path(tiny_features, tap), TINY_EXTRACT)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an encoder was constructed during ensemble training")
+
+    monkeypatch.setattr(featinv.encoders.taps, "build_encoder", forbidden)
+    monkeypatch.setattr(featinv.encoders.taps, "_build_network", forbidden)
+    cfg = dataclasses.replace(tiny_config, encoder="ensemble", fusion="attention", decoder="wavelet",
+                              train=dataclasses.replace(tiny_config.train, epochs=1))
+    result = train_decoder(cfg, tiny_images, tiny_features, tmp_path / "ens")
+    model, meta = load_checkpoint(result.best_checkpoint)
+    assert [t["name"] for t in meta["taps"]] == shallow and meta["fusion"] == "attention"
+    assert model.fusion is not None
+
+
+def test_a_run_killed_before_its_first_epoch_leaves_no_previous_checkpoint(tiny_config, tiny_images, tiny_features,
+                                                                            tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_decoder(tiny_config, tiny_images, tiny_features, out)
+    assert (out / "best.pt").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill during the first epoch looks like from inside
+
+    monkeypatch.setattr(featinv.training.train, "_validate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(dataclasses.replace(tiny_config, decoder="wavelet"), tiny_images, tiny_features, out)
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_checkpoints_say_whether_their_run_finished(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real_validate = featinv.training.train._validate
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(featinv.training.train, "_validate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(tiny_config, tiny_images, tiny_features, out)
+    _, meta = load_checkpoint(out / "best.pt")
+    assert meta["finished"] is False and "train_result" not in meta
+    monkeypatch.setattr(featinv.training.train, "_validate", real_validate)
+    train_decoder(tiny_config, tiny_images, tiny_features, out)
+    for name in ("best.pt", "last.pt"):
+        _, meta = load_checkpoint(out / name)
+        assert meta["finished"] is True and meta["train_result"]["epochs_run"] == 2
+
+
+def test_train_refuses_an_image_store_prepared_with_other_data_params(tiny_config, tiny_images, tiny_features,
+                                                                      tmp_path):
+    cfg = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, resize=288))
+    with pytest.raises(StoreMismatchError, match="data.resize: image store built with 256, params say 288"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(StoreMismatchError, match="seed: image store built with 42, params say 7"):
+        train_decoder(dataclasses.replace(tiny_config, seed=7), tiny_images, tiny_features, tmp_path / "run")
+
+
+def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, tiny_images, tiny_features, tmp_path):
+    cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, codec="lz4"))
+    with pytest.raises(StoreMismatchError, match="extract.codec: store built with 'zstd', params say 'lz4'"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=3))
+    with pytest.raises(StoreMismatchError, match="weights"):
+        train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
