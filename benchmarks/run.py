@@ -63,7 +63,7 @@ from featinv.data.sources import SPLITS, collect_images
 from featinv.study.grid import plan_runs
 from featinv.encoders.taps import TapEncoder, build_encoder, list_taps, resolve_tap
 from featinv.training.train import decoder_inputs
-from featinv.store.zarr_utils import digest, partial_path, remove_tree
+from featinv.zarr_utils import digest, partial_path, remove_tree
 
 __all__ = ["Plan", "QUICK", "FULL", "main"]
 

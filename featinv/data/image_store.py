@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from featinv.config import DataConfig
-from featinv.errors import StorageError, StoreIncompleteError
+from featinv.errors import DataSourceError, ParamsError, StorageError, StoreIncompleteError
 from featinv.data.images import center_crop, display_path, random_view, resize_square, view_rng
 from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
-from featinv.store.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
+from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
-__all__ = ["ImageStore", "prepare_images", "PrepareReport"]
+__all__ = ["ImageStore", "prepare_images", "PrepareReport", "dataset_mean_image"]
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ def prepare_images(
         StorageError: writing the store failed (disk full, permission denied,
             read-only filesystem); no store or ``.partial`` is left behind.
     """
-    out = Path(out)
-    if cfg.crop > cfg.resize:
-        from featinv.errors import ParamsError
-
-        raise ParamsError(f"`data.crop` ({cfg.crop}) must not exceed `data.resize` ({cfg.resize})")
+    out = Path(out)  # (DataConfig itself refuses data.crop > data.resize)
     pools = collect_images(cfg, seed) if pools is None else {s: list(pools.get(s, [])) for s in SPLITS}
     partial = partial_path(out)
     with _storage_errors(out):
@@ -226,6 +222,44 @@ def prepare_images(
     counts = {s: len(ids[s]) for s in SPLITS}
     log.info("prepared %s: %s", out, counts)
     return PrepareReport(out, counts, fingerprint)
+
+
+
+MEAN_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time
+
+
+def dataset_mean_image(train_pixels, chunk_images: int = MEAN_CHUNK_IMAGES) -> torch.Tensor:
+    """The mean of the training split's images, read ``chunk_images`` at a time.
+
+    Args:
+        train_pixels: uint8 array (N, H, W, 3), NumPy or Zarr (anything sliceable along axis 0
+            with ``shape`` and ``dtype``); only one chunk is in memory at a time.
+        chunk_images: images per read.
+
+    Returns:
+        (3, H, W) float32 tensor in [0, 1].
+
+    Raises:
+        DataSourceError: the array is empty, not (N, H, W, 3) or not uint8.
+        ParamsError: ``chunk_images`` is not a positive integer.
+    """
+    shape, dtype = tuple(train_pixels.shape), np.dtype(train_pixels.dtype)
+    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+        raise DataSourceError(
+            f"training pixels have shape {shape} and dtype {dtype}; expected uint8 (N, H, W, 3) images"
+        )
+    if shape[0] == 0:
+        raise DataSourceError("the training split has no images; the dataset-mean baseline needs at least one")
+    if not isinstance(chunk_images, int) or chunk_images < 1:
+        raise ParamsError(f"chunk_images is {chunk_images!r}; expected a positive integer")
+    import torch  # here, not at import: preparing images needs no torch
+
+    # float64 sums of uint8 values are exact far beyond any dataset size we use.
+    total = np.zeros(shape[1:], dtype=np.float64)
+    for start in range(0, shape[0], chunk_images):
+        total += np.asarray(train_pixels[start : start + chunk_images], dtype=np.float64).sum(axis=0)
+    mean01_hwc = total / (shape[0] * 255.0)
+    return torch.from_numpy(mean01_hwc).permute(2, 0, 1).float().contiguous()
 
 
 def _duplicates_across_splits(pixel_digests: dict[str, list[tuple[str, str]]]) -> list[dict[str, str]]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featinv.data.image_store import dataset_mean_image
 from featinv.errors import DataSourceError, ParamsError
 from featinv.evaluation.metrics import image_metrics, summarize
 
@@ -37,39 +37,6 @@ __all__ = [
 ]
 
 BASELINE_METRICS = ("psnr", "ssim")  # LPIPS needs pretrained weights; these need nothing
-DEFAULT_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time
-
-
-def dataset_mean_image(train_pixels, chunk_images: int = DEFAULT_CHUNK_IMAGES) -> torch.Tensor:
-    """The mean of the training split's images, read ``chunk_images`` at a time.
-
-    Args:
-        train_pixels: uint8 array (N, H, W, 3), NumPy or Zarr (anything sliceable along axis 0
-            with ``shape`` and ``dtype``); only one chunk is in memory at a time.
-        chunk_images: images per read.
-
-    Returns:
-        (3, H, W) float32 tensor in [0, 1].
-
-    Raises:
-        DataSourceError: the array is empty, not (N, H, W, 3) or not uint8.
-        ParamsError: ``chunk_images`` is not a positive integer.
-    """
-    shape, dtype = tuple(train_pixels.shape), np.dtype(train_pixels.dtype)
-    if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
-        raise DataSourceError(
-            f"training pixels have shape {shape} and dtype {dtype}; expected uint8 (N, H, W, 3) images"
-        )
-    if shape[0] == 0:
-        raise DataSourceError("the training split has no images; the dataset-mean baseline needs at least one")
-    if not isinstance(chunk_images, int) or chunk_images < 1:
-        raise ParamsError(f"chunk_images is {chunk_images!r}; expected a positive integer")
-    # float64 sums of uint8 values are exact far beyond any dataset size we use.
-    total = np.zeros(shape[1:], dtype=np.float64)
-    for start in range(0, shape[0], chunk_images):
-        total += np.asarray(train_pixels[start : start + chunk_images], dtype=np.float64).sum(axis=0)
-    mean01_hwc = total / (shape[0] * 255.0)
-    return torch.from_numpy(mean01_hwc).permute(2, 0, 1).float().contiguous()
 
 
 def dataset_mean(targets01: torch.Tensor, train_mean01: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featinv.evaluation.baselines import baseline_metrics, dataset_mean_image, thumbnail_name
+from featinv.data.image_store import dataset_mean_image
+from featinv.evaluation.baselines import baseline_metrics, thumbnail_name
 from featinv.config import Config, EvaluateConfig
 from featinv import precision
 from featinv.device import resolve_device

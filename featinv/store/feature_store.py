@@ -38,7 +38,7 @@ from featinv.errors import FeatinvError, StorageError, StoreIncompleteError, Sto
 from featinv.data.image_store import ImageStore
 from featinv.data.sources import SPLITS
 from featinv.encoders.taps import Normalisation, TapSpec, build_encoder, resolve_normalisation, resolve_tap, weights_for_tap, weights_id
-from featinv.store.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
+from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
 __all__ = ["FeatureStore", "ExtractReport", "extract_features", "expected_fingerprint", "decoder_input_differences",
            "encoder_normalisation", "store_path"]

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from featinv.evaluation.baselines import dataset_mean_image
+from featinv.data.image_store import dataset_mean_image
 from featinv.config import Config
 from featinv.decoders import count_parameters
 from featinv import precision
@@ -30,7 +30,7 @@ from featinv.store.loader import FeatureBatches, FeatureCrop
 from featinv.training.losses import ReconstructionLoss
 from featinv.training.model import ENSEMBLE, Reconstructor, build_reconstructor, save_checkpoint, spec_dicts
 from featinv.encoders.taps import resolve_tap
-from featinv.store.zarr_utils import remove_tree
+from featinv.zarr_utils import remove_tree
 
 __all__ = ["EpochLogger", "TrainResult", "train_decoder", "run_taps", "open_feature_stores", "decoder_inputs",
            "check_image_store"]

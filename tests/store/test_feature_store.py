@@ -77,7 +77,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 
 def test_a_store_with_a_split_not_fully_written_is_refused_and_re_extracted(tiny_images, tmp_path):
-    from featinv.store.zarr_utils import open_group
+    from featinv.zarr_utils import open_group
 
     out = tmp_path / "short.zarr"
     extract_features(tiny_images, "vgg16/block1", out, TINY_EXTRACT)
