@@ -208,7 +208,9 @@ def test_a_stage_failing_on_every_try_is_reported_with_its_log_and_the_others_fi
     (root / "in.txt").write_text("pixels\n")
     (root / "dvc.yaml").write_text(TOY_ROOT)
     (root / "study" / "dvc.yaml").write_text(TOY_STUDY)
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    # `dvc` and the stages' `python` are this interpreter's, whether or not its venv is activated.
+    env = dict(os.environ, DVC_NO_ANALYTICS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     run_cmd(["git", "init", "-q"], root, env)
     run_cmd(["git", "config", "user.email", "ci@featinv"], root, env)
     run_cmd(["git", "config", "user.name", "featinv ci"], root, env)
