@@ -186,8 +186,9 @@ def _print_scores(m: dict) -> None:
 @_handles_errors
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="image files (JPEG, PNG, …)")],
-    run: Annotated[str, typer.Option(help="a checkpoint, a run directory holding best.pt, or a DVC experiment name")]
-    = "data/train/best.pt",
+    run: Annotated[Optional[str], typer.Option(
+        help="a checkpoint, a run directory holding best.pt, or a DVC experiment name (default: "
+             "data/train/best.pt, which must be a finished run)")] = None,
     refine: Annotated[int, typer.Option(help="feature-matching refinement steps")] = 0,
     refine_lr: Annotated[float, typer.Option(help="Adam's step on pixels")] = 0.01,
     refine_tv: Annotated[float, typer.Option(help="total-variation prior weight")] = 0.0,
@@ -206,13 +207,14 @@ def reconstruct(
     from featinv.device import resolve_device
     from featinv.evaluation.reconstruct import reconstruct_images, render_reconstructions
 
-    checkpoint = _resolve_run(run)
+    checkpoint = _resolve_run(run or str(DEFAULT_CHECKPOINT))
     dev, _ = resolve_device(device, "--device")
-    results = reconstruct_images(images, checkpoint, refine, dev, lr=refine_lr, tv=refine_tv,
+    results = reconstruct_images(images, checkpoint, refine, dev, strict=run is None, lr=refine_lr, tv=refine_tv,
                                  optimizer=refine_optimizer, smooth=refine_smooth, samples=refine_samples,
                                  noise=refine_noise, seed=refine_seed, backproject=refine_backproject,
                                  backproject_step=refine_backproject_step)
-    render_reconstructions(results, out, title=f"{run}" + (f" + {refine} refinement steps" if refine else ""))
+    render_reconstructions(results, out, title=f"{run or DEFAULT_CHECKPOINT}"
+                           + (f" + {refine} refinement steps" if refine else ""))
     for r in results:
         console.print(f"{r.path}: PSNR {r.psnr:.2f} dB · SSIM {r.ssim:.3f}")
     console.print(f"wrote {out}")

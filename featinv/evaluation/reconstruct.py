@@ -20,7 +20,8 @@ import torch
 from featinv.store.feature_store import encoder_normalisation
 from featinv.data.images import preprocess_eval, read_rgb
 from featinv.evaluation.metrics import image_metrics
-from featinv.training.model import load_checkpoint
+from featinv.errors import CheckpointError
+from featinv.training.model import check_checkpoint, load_checkpoint
 from featinv.evaluation.refine import refine_images
 from featinv.evaluation.render import comparison_rows, save_png, side_by_side
 from featinv.encoders.taps import TapSpec, build_encoder
@@ -44,20 +45,26 @@ class Reconstruction:
 
 def reconstruct_images(
     paths: Sequence[str | Path], checkpoint: str | Path, refine: int = 0, device: str | torch.device = "cpu",
-    **refine_settings: Any,
+    strict: bool = True, **refine_settings: Any,
 ) -> list[Reconstruction]:
     """Run each image through the checkpoint's encoder(s) and decoder.
 
     ``refine`` > 0 then refines the reconstructions by feature matching; ``refine_settings``
     are :func:`featinv.evaluation.refine.refine_images`'s keywords (``lr``, ``tv``, ``optimizer``,
     ``smooth``, ``samples``, ``noise``, ``seed``, ``backproject``, ``backproject_step``).
+    With ``strict``, a checkpoint of a training run that did not finish is refused; otherwise
+    (a checkpoint the user named on purpose) it is used with a warning.
 
     Raises:
         BadImageError: an image cannot be read.
-        CheckpointError: the checkpoint cannot be loaded.
+        CheckpointError: the checkpoint cannot be loaded, or (``strict``) its run did not finish.
         WeightsUnavailableError: the run's encoder weights cannot be loaded here.
     """
     model, meta = load_checkpoint(checkpoint, map_location=device)
+    for problem in check_checkpoint(checkpoint, meta):
+        if strict:
+            raise CheckpointError(f"{problem}; re-run training, or name it with --run to use it anyway")
+        log.warning("%s; using it anyway, as asked", problem)
     model.to(device)
     extract = meta["extract"]
     normalisations = meta.get("normalisation") or {}

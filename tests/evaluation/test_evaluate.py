@@ -144,3 +144,20 @@ def test_metrics_report_the_taps_non_learned_baselines(trained, tiny_images, tin
     assert metrics["psnr_over_thumbnail"] == pytest.approx(
         metrics["psnr"]["mean"] - baselines["thumbnail_112x112"]["psnr"]["mean"])
     assert json.loads((tmp_path / "eval.json").read_text())["baselines"] == baselines
+
+
+def test_reconstruct_refuses_an_unfinished_run_unless_it_is_named(tiny_config, tiny_images, tiny_features, tmp_path):
+    import torch
+
+    from conftest import photo, write_image
+    from featinv.evaluation.reconstruct import reconstruct_images
+
+    run = train_decoder(tiny_config, tiny_images, tiny_features, tmp_path / "run").best_checkpoint
+    payload = torch.load(run, weights_only=False)
+    payload.update(finished=False, epoch=1)
+    torch.save(payload, run)
+    image = write_image(tmp_path / "photo.png", photo(240, seed=3))
+    with pytest.raises(CheckpointError, match="did not finish"):
+        reconstruct_images([image], run, strict=True)
+    (result,) = reconstruct_images([image], run, strict=False)
+    assert result.psnr > 5
