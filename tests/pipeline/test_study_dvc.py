@@ -19,8 +19,13 @@ def _stage_counts(log: str) -> collections.Counter:
     return collections.Counter(re.findall(r"Running stage '([^']+)'", log))
 
 
-def test_full_study_plan_is_one_extract_stage_per_tap_feeding_44_runs(tmp_path):
-    env = make_project(tmp_path, lambda p: None)
+def _published_grid(params: dict) -> None:
+    params["study"].update(decoders=["transposed_conv", "frequency_aware", "wavelet", "attention"],
+                           fusions=["weighted", "concat", "attention"])
+
+
+def test_published_study_plan_is_one_extract_stage_per_tap_feeding_44_runs(tmp_path):
+    env = make_project(tmp_path, _published_grid)
     plan = json.loads(run_cmd([sys.executable, "-m", "featinv.cli", "study", "--plan", "--json"], tmp_path, env,
                               stdout_only=True))
     taps = yaml.safe_load((tmp_path / "params.yaml").read_text())["taps"]

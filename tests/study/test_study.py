@@ -12,8 +12,21 @@ from featinv.study.leaderboard import depth_figure, leaderboard, write_leaderboa
 from conftest import REPO
 
 
-def test_the_default_study_is_44_distinct_runs():
-    runs = plan_runs(load_params(REPO / "params.yaml"))
+PUBLISHED_GRID = ["study.decoders=[transposed_conv, frequency_aware, wavelet, attention]",
+                  "study.fusions=[weighted, concat, attention]"]
+
+
+def test_the_default_study_is_8_taps_by_2_decoders_at_a_real_budget():
+    cfg = load_params(REPO / "params.yaml")
+    runs = plan_runs(cfg)
+    assert len(runs) == 16 and len({r.to_dict().__repr__() for r in runs}) == 16
+    assert cfg.study.epochs * cfg.study.samples_per_epoch == 1024
+
+
+def test_the_published_grid_is_44_distinct_runs():
+    from featinv.config import with_overrides
+
+    runs = plan_runs(with_overrides(load_params(REPO / "params.yaml"), PUBLISHED_GRID))
     assert len(runs) == 44 and len({r.to_dict().__repr__() for r in runs}) == 44
     assert sum(r.encoder == "ensemble" for r in runs) == 12
     assert {r.fusion for r in runs} == {None, "weighted", "concat", "attention"}
@@ -28,7 +41,7 @@ def test_study_list_json_via_cli():
     result = CliRunner().invoke(app, ["study", "--list", "--json", "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 0
     runs = json.loads(result.stdout)
-    assert len(runs) == 44 and len({json.dumps(r, sort_keys=True) for r in runs}) == 44
+    assert len(runs) == 16 and len({json.dumps(r, sort_keys=True) for r in runs}) == 16
     assert set(runs[0]) == {"encoder", "fusion", "decoder"}
 
 
