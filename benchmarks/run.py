@@ -53,7 +53,8 @@ import torch
 
 from benchmarks.common import RESULTS, WORK, machine, table, write_json
 from featinv.store import feature_store
-from featinv.config import Config, DataConfig, ExtractConfig, LossConfig, TrainConfig, load_params
+from featinv.config import Config, DataConfig, ExtractConfig, LossConfig, TrainConfig, load_params, with_overrides
+from featinv.presets import preset_overrides
 from featinv.store.feature_store import FeatureStore, extract_features, store_path
 from featinv.data.image_store import ImageStore, prepare_images
 from featinv.store.loader import FeatureBatches
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("featinv").setLevel(logging.WARNING)
     plan = FULL if args.full else QUICK
-    params = load_params(REPO / "params.yaml")
+    # The published 44-run grid, whatever the default study is.
+    params = with_overrides(load_params(REPO / "params.yaml"), preset_overrides("published_study"))
     images = _prepared(plan.data, args.work)
 
     result = {

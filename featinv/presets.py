@@ -54,6 +54,12 @@ PRESETS: dict[str, dict[str, object]] = {
         "evaluate.refine_noise": 0.05,
         "evaluate.refine_backproject": 1,
     },
+    # The published study's 44-run grid (8 taps × 4 decoders + 3 fusions × 4 decoders); the
+    # default study is 8 taps × 2 decoders at a budget whose ranking is stable (params.yaml).
+    "published_study": {
+        "study.decoders": "[transposed_conv,frequency_aware,wavelet,attention]",
+        "study.fusions": "[weighted,concat,attention]",
+    },
 }
 
 

@@ -9,11 +9,12 @@ from featinv.config import load_params
 from featinv.study.grid import StudyRun, plan_runs
 from featinv.study.leaderboard import depth_figure, leaderboard, write_leaderboard
 
+from featinv.presets import preset_overrides
+
 from conftest import REPO
 
 
-PUBLISHED_GRID = ["study.decoders=[transposed_conv, frequency_aware, wavelet, attention]",
-                  "study.fusions=[weighted, concat, attention]"]
+PUBLISHED_GRID = preset_overrides("published_study")
 
 
 def test_the_default_study_is_8_taps_by_2_decoders_at_a_real_budget():
