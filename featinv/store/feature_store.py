@@ -35,6 +35,7 @@ from featinv.config import ExtractConfig
 from featinv import precision
 from featinv.device import resolve_device
 from featinv.errors import FeatinvError, StorageError, StoreIncompleteError, StoreMismatchError
+from featinv.mismatch import setting_differences, short_repr
 from featinv.data.image_store import ImageStore
 from featinv.data.sources import SPLITS
 from featinv.encoders.taps import Normalisation, TapSpec, build_encoder, resolve_normalisation, resolve_tap, weights_for_tap, weights_id
@@ -109,7 +110,8 @@ def encoder_normalisation(recorded: dict | None) -> Normalisation:
 def decoder_input_differences(store_parts: dict, trained_parts: dict) -> list[str]:
     """How a store's features differ from those a run was trained on, in what a decoder depends on."""
     pick = (lambda parts: {k: parts.get(k) for k in DECODER_INPUT_PARTS})
-    return _differences(pick(store_parts), pick(trained_parts), wanted="the run was trained on")
+    return setting_differences(pick(store_parts), pick(trained_parts), has="store has",
+                               wants="the run was trained on", show=short_repr)
 
 
 class FeatureStore:
@@ -142,7 +144,8 @@ class FeatureStore:
                 "(delete it, then `dvc repro extract@<tap>` or `featinv extract`)"
             )
         if expected is not None:
-            differences = _differences(self.attrs["fingerprint_parts"], expected)
+            differences = setting_differences(self.attrs["fingerprint_parts"], expected, has="store has",
+                                              wants="params want", show=short_repr)
             if differences:
                 raise StoreMismatchError(
                     f"{self.path} was extracted with different settings: {'; '.join(differences)}. "
@@ -379,15 +382,3 @@ def _open_or_reset_partial(partial: Path, parts: dict):
     group = open_group(partial, mode="w")
     group.attrs.update({"resume_fingerprint": digest(parts), "written": {}})
     return group
-
-
-def _differences(actual: dict, expected: dict, prefix: str = "", wanted: str = "params want") -> list[str]:
-    out = []
-    for key in sorted(set(actual) | set(expected)):
-        a, e = actual.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(e, dict):
-            out += _differences(a, e, f"{prefix}{key}.", wanted)
-        elif a != e:
-            shown = (lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 40 else v)
-            out.append(f"{prefix}{key}: store has {shown(a)!r}, {wanted} {shown(e)!r}")
-    return out

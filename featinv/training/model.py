@@ -18,6 +18,7 @@ from torch import nn
 
 from featinv.decoders import build_decoder, count_parameters
 from featinv.errors import CheckpointError, ParamsError
+from featinv.mismatch import setting_differences
 from featinv.encoders.taps import TapSpec
 
 __all__ = ["Reconstructor", "build_reconstructor", "save_checkpoint", "load_checkpoint", "check_checkpoint",
@@ -131,22 +132,13 @@ def check_checkpoint(path: str | Path, meta: dict, expected_config: dict | None 
                         f"{meta.get('epoch', '?')}: killed, or still running)")
     if expected_config is not None:
         trained = meta.get("config") or {}
-        differences = _differences({k: trained.get(k) for k in RUN_SETTINGS},
-                                   {k: expected_config.get(k) for k in RUN_SETTINGS})
+        differences = setting_differences({k: trained.get(k) for k in RUN_SETTINGS},
+                                          {k: expected_config.get(k) for k in RUN_SETTINGS},
+                                          has="checkpoint has", wants="params say")
         if differences:
             problems.append(f"{path} was trained with other params: {'; '.join(differences[:4])}"
                             f"{f' (+{len(differences) - 4} more)' if len(differences) > 4 else ''}")
     return problems
-
-
-def _differences(actual: Any, expected: Any, key: str = "") -> list[str]:
-    """``key: checkpoint has A, params say B`` for every leaf that differs."""
-    if isinstance(actual, dict) and isinstance(expected, dict):
-        return [d for k in sorted(set(actual) | set(expected))
-                for d in _differences(actual.get(k), expected.get(k), f"{key}.{k}" if key else k)]
-    if isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
-        actual, expected = list(actual), list(expected)
-    return [] if actual == expected else [f"{key}: checkpoint has {actual!r}, params say {expected!r}"]
 
 
 def spec_dicts(specs: list[TapSpec]) -> list[dict]:

@@ -24,6 +24,7 @@ from featinv.decoders import count_parameters
 from featinv import precision
 from featinv.device import resolve_device
 from featinv.errors import StoreMismatchError
+from featinv.mismatch import setting_differences
 from featinv.store.feature_store import FeatureStore, expected_fingerprint, store_path
 from featinv.data.image_store import ImageStore
 from featinv.store.loader import FeatureBatches, FeatureCrop
@@ -91,10 +92,12 @@ def open_feature_stores(cfg: Config, images: ImageStore, features_dir: str | Pat
 def _check_storage_settings(store: FeatureStore, cfg: Config) -> None:
     """The ``extract`` params outside the fingerprint (how values are stored) must agree too."""
     built = store.attrs.get("codec", {})
-    wanted = {"name": cfg.extract.codec, "clevel": cfg.extract.clevel, "chunk_samples": cfg.extract.chunk_samples}
-    keys = {"name": "extract.codec", "clevel": "extract.clevel", "chunk_samples": "extract.chunk_samples"}
-    differences = [f"{keys[k]}: store built with {built.get(k)!r}, params say {v!r}"
-                   for k, v in wanted.items() if built.get(k) != v]
+    differences = setting_differences(
+        {"extract.codec": built.get("name"), "extract.clevel": built.get("clevel"),
+         "extract.chunk_samples": built.get("chunk_samples")},
+        {"extract.codec": cfg.extract.codec, "extract.clevel": cfg.extract.clevel,
+         "extract.chunk_samples": cfg.extract.chunk_samples},
+        has="store built with", wants="params say")
     if differences:
         raise StoreMismatchError(f"{store.path} was extracted with other settings: {'; '.join(differences)}. "
                                  "Re-extract it (`dvc repro extract@<tap>` or `featinv extract`), or restore the params")
@@ -250,18 +253,13 @@ def check_image_store(cfg: Config, images: ImageStore) -> None:
     if built is None:  # a store from before the data params were recorded: compare what it kept
         built = {k: v for k, v in {"source": images.attrs.get("source"),
                                    **images.attrs.get("preprocessing", {})}.items() if k in wanted}
-    built = {**built, "seed": images.attrs.get("seed")}
-    wanted = {**{k: wanted[k] for k in built if k in wanted}, "seed": cfg.seed}
-    differences = [f"{'seed' if k == 'seed' else f'data.{k}'}: image store built with {_plain(built[k])}, "
-                   f"params say {_plain(wanted[k])}" for k in wanted if _plain(built[k]) != _plain(wanted[k])]
+    differences = setting_differences(
+        {"data": {k: v for k, v in built.items() if k in wanted}, "seed": images.attrs.get("seed")},
+        {"data": {k: wanted[k] for k in built if k in wanted}, "seed": cfg.seed},
+        has="image store built with", wants="params say")
     if differences:
         raise StoreMismatchError(f"{images.path} was prepared with other settings: {'; '.join(differences)}. "
                                  "Re-run `dvc repro prepare` (or `featinv prepare`) and re-extract, or restore the params")
-
-
-def _plain(value):
-    """Lists and tuples compare equal (JSON attrs hold lists)."""
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def decoder_inputs(feats: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
