@@ -322,7 +322,7 @@ def startup_section(ctx: _Context) -> dict:
         "t = [time.perf_counter()]\n"
         "import torch; t.append(time.perf_counter())\n"
         "import skimage.metrics._structural_similarity; t.append(time.perf_counter())\n"
-        "from skimage.metrics import peak_signal_noise_ratio; t.append(time.perf_counter())\n"
+        "import featinv.evaluation.metrics; t.append(time.perf_counter())\n"
         "import featinv.training.train; t.append(time.perf_counter())\n"
         "import featinv.evaluation.evaluate; t.append(time.perf_counter())\n"
         "import pipeline.study_run; t.append(time.perf_counter())\n"
@@ -335,7 +335,7 @@ def startup_section(ctx: _Context) -> dict:
     started = time.perf_counter()
     parts = json.loads(_child([sys.executable, "-c", probe]).splitlines()[-1])
     probe_wall = time.perf_counter() - started
-    names = ("torch", "skimage_ssim_module", "skimage_metrics_rest", "featinv_train", "featinv_evaluate",
+    names = ("torch", "skimage_ssim_module", "featinv_metrics", "featinv_train", "featinv_evaluate",
              "pipeline_study_run_rest", "torch_dynamo", "cuda_init")
     imports = dict(zip(names, parts))
     bare = _child_seconds([sys.executable, "-c", "pass"])
@@ -385,8 +385,6 @@ def startup_section(ctx: _Context) -> dict:
             "cells sharing one process (all imports, torch._dynamo, CUDA initialisation)": sum(parts),
             "of which torch._dynamo alone (every Adam.step imports it; no way round it per process)":
                 imports["torch_dynamo"],
-            "metrics.py: SSIM from skimage.metrics._structural_similarity, PSNR in numpy (skips the rest of "
-            "skimage.metrics, which imports scipy.stats)": imports["skimage_metrics_rest"],
             "LPIPS set-up when its weights are absent (under cProfile)":
                 (breakdown or {}).get("LPIPS metric set-up"),
         },

@@ -1,8 +1,10 @@
 """Image-quality metrics, computed as the published study did.
 
-PSNR and SSIM come from scikit-image (``peak_signal_noise_ratio``,
-``structural_similarity`` with ``data_range=1``, ``channel_axis=2``) on float
-pixels in [0, 1], HWC.  LPIPS(AlexNet) is reported when its pretrained weights
+PSNR is scikit-image's ``peak_signal_noise_ratio`` formula (float64 MSE, data range 1),
+written out here because importing it pulls in ``scipy.stats`` — 0.8 s of every study cell's
+start-up (``python -m benchmarks.gpu --sections startup``); SSIM is scikit-image's
+``structural_similarity`` (``data_range=1``, ``channel_axis=2``), both on float pixels in
+[0, 1], HWC.  LPIPS(AlexNet) is reported when its pretrained weights
 can be loaded and is ``None`` otherwise — never computed on random weights.
 """
 
@@ -13,7 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+# skimage.metrics loads its submodules lazily: this imports the SSIM module only (scipy.ndimage).
+from skimage.metrics import structural_similarity
 
 __all__ = ["psnr", "ssim", "image_metrics", "summarize", "LpipsMetric", "METRICS"]
 
@@ -25,10 +28,10 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; JSON needs a number
 
 def psnr(target01_hwc: np.ndarray, pred01_hwc: np.ndarray) -> float:
     """PSNR in dB for data range 1 (capped at 100 dB for identical images)."""
-    target, pred = target01_hwc.astype(np.float64), pred01_hwc.astype(np.float64)
-    if np.array_equal(target, pred):
+    mse = float(np.mean((target01_hwc.astype(np.float64) - pred01_hwc.astype(np.float64)) ** 2))
+    if mse == 0.0:
         return PSNR_CAP_DB
-    return float(min(peak_signal_noise_ratio(target, pred, data_range=1.0), PSNR_CAP_DB))
+    return float(min(10.0 * np.log10(1.0 / mse), PSNR_CAP_DB))
 
 
 def ssim(target01_hwc: np.ndarray, pred01_hwc: np.ndarray) -> float:

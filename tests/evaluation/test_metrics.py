@@ -43,3 +43,13 @@ def test_lpips_metric_is_null_not_random_when_unavailable(monkeypatch):
     assert metric.model is None
     assert metric(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)) == [None, None]
     assert "LPIPS not computed" in metric.note
+
+
+def test_metrics_do_not_import_scipy_stats():
+    """Every study cell is a fresh process: importing the metrics must not pay for scipy.stats (0.8 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, featinv.evaluation.metrics; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
