@@ -19,6 +19,17 @@ TINY_DATA = DataConfig(source="sample", max_images=10, train_views=2)
 TINY_EXTRACT = ExtractConfig(device="cpu", batch_size=4)
 
 
+@pytest.fixture(autouse=True)
+def no_model_downloads(monkeypatch):
+    """Tests reach no address beyond loopback: torch hub downloads (LPIPS' AlexNet) fail as offline."""
+    import torch.hub
+
+    def offline(url, *args, **kwargs):
+        raise OSError(f"offline test: no download of {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+
+
 @pytest.fixture(scope="session")
 def tiny_images(tmp_path_factory) -> Path:
     """A prepared image store: 10 sample tiles → 12 train views, 2 val, 2 test."""

@@ -133,6 +133,22 @@ def test_lpips_loss_offline_is_a_clear_error(tiny_config, tiny_images, tiny_feat
     featinv.training.losses.load_lpips.cache_clear()
 
 
+def test_lpips_offline_fails_before_building_alexnet(tmp_path, monkeypatch):
+    """Every study cell asks for LPIPS: offline, the missing weights are found before AlexNet is built."""
+    import lpips
+
+    import featinv.training.losses
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # downloads fail here (conftest)
+    monkeypatch.setattr(lpips, "LPIPS", lambda *a, **k: pytest.fail("built LPIPS without its weights"))
+    featinv.training.losses.load_lpips.cache_clear()
+    try:
+        with pytest.raises(WeightsUnavailableError, match="alexnet-owt-7be5be79.pth"):
+            featinv.training.losses.load_lpips()
+    finally:
+        featinv.training.losses.load_lpips.cache_clear()
+
+
 def test_store_from_other_params_is_refused(tiny_config, tiny_images, tiny_features, tmp_path):
     cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=7))
     with pytest.raises(StoreMismatchError, match="random:seed=7"):
