@@ -8,7 +8,10 @@ when the feature loss stops falling.  This is the one place the encoder runs
 outside extraction.
 
 Four settings matter on deep taps, where many images share the target's features (the
-``deep_refine`` preset combines them):
+``deep_refine`` preset combines ``lbfgs``, ``smooth`` 2 and one back-projection; averaging
+``samples`` won on random-weight features but lost on trained VGG-16 block3, where the preset was
+re-chosen — BENCHMARKS.md, "Trained encoders").  On a shallow trained tap, per-pixel ``lbfgs``
+(``shallow_refine``) beats Adam at 100 steps:
 
 * ``optimizer``: ``adam`` (per-pixel step sizes) or ``lbfgs`` (quasi-Newton with a
   strong-Wolfe line search).  Adam's per-coordinate scaling moves pixels in
