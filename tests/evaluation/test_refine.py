@@ -103,6 +103,19 @@ def test_lbfgs_refinement_lowers_feature_error_and_smooth_leaves_the_finest_octa
     assert share[2] < 0.7 * share[1], share
 
 
+def test_lbfgs_refines_each_image_as_if_it_were_alone():
+    """A reconstruction must not depend on which other images share its batch."""
+    encoder = build_encoder("vgg16/block1")
+    targets = torch.cat([_image(seed=1), _image(seed=2)])
+    with torch.no_grad():
+        feats = encoder(targets)
+    start = F.avg_pool2d(targets, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    together, report = refine_images(start, [encoder], [feats], steps=5, optimizer="lbfgs")
+    alone, _ = refine_images(start[:1], [encoder], [feats[:1]], steps=5, optimizer="lbfgs")
+    assert torch.allclose(together[:1], alone, atol=1e-6)
+    assert len(report["steps_per_sample"]) == 2  # one L-BFGS run per image
+
+
 class _Cube(torch.nn.Module):
     """A toy encoder whose curvature grows away from mid-grey, so a quasi-Newton step can overshoot."""
 
