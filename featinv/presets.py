@@ -46,8 +46,8 @@ PRESETS: dict[str, dict[str, object]] = {
     # Refinement for deep taps, where the features leave fine detail undetermined: L-BFGS on a
     # 2× coarser correction, then one decoder back-projection (featinv.evaluation.refine explains
     # each). Chosen on the validation split of *trained* VGG-16 block3 (ImageNet weights, local_mlp):
-    # it beat the mean of 4 refinements from noisy starts (21.24 vs 21.07 dB, at a quarter of the
-    # cost), which had won on random-weight features (BENCHMARKS.md, "Trained encoders").
+    # it beat the mean of 4 refinements from noisy starts (21.19 vs 21.07 dB, 10 steps on 4 images, at
+    # a quarter of the cost), which had won on random-weight features (BENCHMARKS.md, "Trained encoders").
     "deep_refine": {
         "evaluate.refine": 25,
         "evaluate.refine_optimizer": "lbfgs",
