@@ -84,10 +84,19 @@ def channels_last(obj, device: torch.device | str):
     return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 else obj
 
 
-def pinned(array: np.ndarray) -> torch.Tensor:
-    """A page-locked CPU copy of ``array``, so that a ``non_blocking`` copy to CUDA is really asynchronous."""
+def pinned(array: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+    """A page-locked CPU copy of ``array`` (or of its ``rows``), so a ``non_blocking`` copy to CUDA is really asynchronous.
+
+    Rows are gathered straight into the page-locked buffer (``index_select``, which drops the GIL
+    and splits the copy over threads): one pass over a batch instead of a NumPy gather and then a
+    copy, which held the RAM-cached loader to 1.9× the rate the GPU consumes (benchmarks/gpu.py).
+    """
     source = torch.from_numpy(np.ascontiguousarray(array))
-    return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
+    if rows is None:
+        return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
+    index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    out = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    return torch.index_select(source, 0, index, out=out)
 
 
 class DeviceCopy:

@@ -343,7 +343,8 @@ def _connect(request: StudyRequest, distributed) -> Iterator[tuple[object, dict[
     gpus = _gpu_count()
     n = request.workers or gpus or 2
     env = {}
-    if not gpus and "OMP_NUM_THREADS" not in os.environ:  # n CPU workers share the cores instead of each taking all
+    # n workers share the cores instead of each taking all (also n cells sharing a GPU: each needs a core or two)
+    if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     # Stages run in subprocesses: the workers themselves need no memory limit and no dashboard.
     with _quiet("distributed"), distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
