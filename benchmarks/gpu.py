@@ -73,6 +73,7 @@ from featinv.training.losses import ReconstructionLoss
 from featinv.study.grid import plan_runs
 from featinv.encoders.taps import TapEncoder, resolve_tap
 from featinv.training.train import decoder_inputs, run_taps
+from featinv.zarr_utils import remove_tree
 
 __all__ = ["Plan", "GPU", "CPU", "DRY", "SECTIONS", "main"]
 
@@ -87,7 +88,7 @@ EPOCHS = 30
 PUBLISHED_GPU_HOURS = 18.0  # RTX 6000 Ada, encoder recomputed at every step
 CELL_STEPS = EPOCHS * DIV2K_TRAIN // run.BATCH  # training steps of one study cell
 
-SECTIONS = ("startup", "extract", "train", "loader", "study", "limit", "compile")
+SECTIONS = ("startup", "extract", "train", "loader", "pack", "study", "limit", "compile")
 PRECISIONS = ("fp32", "bf16")
 SYNTHETIC_SIDE = 256  # = data.resize: the images need no resizing
 CHILD_TIMEOUT = 300  # seconds for one start-up child process
@@ -137,6 +138,13 @@ class Plan:
     limit_steps: int
     compile_cases: tuple[tuple[str, str], ...]  # (tap, decoder)
     budget_seconds: float
+    # `pack`: K study cells training at once on one device (separate processes), per (tap, decoder).
+    pack_cases: tuple[tuple[str, str], ...] = ()
+    pack_workers: tuple[int, ...] = (1,)
+    # "policy": featinv.precision's (bf16 autocast on CUDA); "fp32": none (TF32 where cuDNN/cuBLAS allow it)
+    pack_precisions: tuple[str, ...] = ("policy",)
+    pack_warm_seconds: float = 3.0  # per window: build the cell and warm up (cuDNN autotuning) ...
+    pack_seconds: float = 5.0  # ... then count the samples trained in this many seconds
     startup_profile: bool = True  # time the tiny cell a second time under cProfile, for the breakdown
     fp16_error: bool = True  # also the error of float16 autocast (slow on a CPU: ~1 min for vgg16/block3)
 
@@ -148,17 +156,20 @@ GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH
            loader_taps=("vgg16/block1", "vgg16/block3"), loader_threads=(1, 4), loader_min_batches=128,
            study_steps=200, study_cell_seconds=3.0, study_cells=None, limit_taps=None, limit_steps=60,
            compile_cases=(("vgg16/block1", "transposed_conv"), ("vgg16/block1", "local_mlp")),
+           pack_cases=tuple(("vgg16/block1", d) for d in ("transposed_conv", "frequency_aware", "wavelet", "attention")),
+           pack_workers=(1, 8), pack_precisions=("policy", "fp32"), pack_warm_seconds=3.0, pack_seconds=4.0,
            budget_seconds=450)
 # The CPU's own figures (start-up, achieved vs limit): the same sections, sized for 2 cores.
 CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extract_batch=8, extract_batches=(4, 16),
                           extract_rounds=2, warmup=2, steps=6, block=1, loader_taps=("vgg16/block1",),
                           loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
-                          limit_steps=8, compile_cases=(), budget_seconds=1800)
+                          limit_steps=8, compile_cases=(), pack_cases=(("vgg16/block1", "transposed_conv"),),
+                          pack_workers=(1, 2), pack_warm_seconds=8.0, pack_seconds=10.0, budget_seconds=1800)
 DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
                           extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
                           train_taps=("vgg16/block1",), train_decoders=("transposed_conv",), warmup=1, steps=1, loader_min_batches=4, study_steps=1,
                           study_cells=1, limit_taps=("vgg16/block1",), limit_steps=2, budget_seconds=240,
-                          startup_profile=False, fp16_error=False)
+                          pack_warm_seconds=2.0, pack_seconds=1.0, startup_profile=False, fp16_error=False)
 PLANS = {p.name: p for p in (GPU, CPU, DRY)}
 
 
@@ -209,6 +220,7 @@ class _Stores:
     def __init__(self, images: Path, work: Path, cfg: ExtractConfig, device: torch.device) -> None:
         self.images, self.dir, self.cfg, self.device = images, work / "features", cfg, device
         self.reports: dict[str, dict] = {}
+        self.warm_reports: dict[str, dict] = {}  # a second extraction in this (warm) process: `extract`
         self.encoders: dict[str, TapEncoder] = {}
 
     def get(self, tap: str) -> FeatureStore:
@@ -252,7 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-seconds", type=float, help="stop starting work after this long (default: the plan's)")
     p.add_argument("--work", type=Path, default=WORK / "gpu", help="scratch dir for images, stores and runs")
     p.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
+    p.add_argument("--rescore", type=Path, metavar="JSON",
+                   help="re-derive a saved result's pack speedups and packed study estimate; measure nothing")
     args = p.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("featinv").setLevel(logging.WARNING)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -418,6 +434,15 @@ def extract_section(ctx: _Context) -> dict:
         rows.append({"tap": tap, "precision": "library", "batch": ctx.stores.cfg.batch_size,
                      "images_per_s": library["extract_images_per_s"],
                      "extraction_overhead": library["extraction_overhead_without_build"]})
+        # Once more in this process: the first extraction also paid CUDA's and cuDNN's first use.
+        warm, _ = run.extraction_overhead(ctx.images, tap, store_path(ctx.work / "features-warm", tap),
+                                          ctx.stores.cfg, ctx.device)
+        ctx.stores.warm_reports[tap] = warm
+        rows.append({"tap": tap, "precision": "library (warm)", "batch": ctx.stores.cfg.batch_size,
+                     "images_per_s": warm["extract_images_per_s"],
+                     "extraction_overhead": warm["extraction_overhead_without_build"],
+                     "images_per_s_without_build": warm["extract_samples"] / (warm["extract_seconds"]
+                                                                              - warm["encoder_build_seconds"])})
         dtypes = {"bf16": torch.bfloat16} | ({"fp16": torch.float16} if ctx.plan.fp16_error else {})
         errors[tap] = {name: _relative_error(encoder, dtype, ctx.device) for name, dtype in dtypes.items()}
     best = {}
@@ -427,13 +452,16 @@ def extract_section(ctx: _Context) -> dict:
         if len(timed) == 2:
             best[tap] = timed["bf16"] / timed["fp32"]
     print(f"\n## Extraction ({ctx.device.type}): encoder forward images/s; `library` = extract_features\n")
-    print(table(rows, ["tap", "precision", "batch", "images_per_s", "extraction_overhead"],
-                {"images_per_s": ".1f", "extraction_overhead": ".2f"}), flush=True)
+    print(table(rows, ["tap", "precision", "batch", "images_per_s", "images_per_s_without_build",
+                       "extraction_overhead"],
+                {"images_per_s": ".1f", "images_per_s_without_build": ".1f", "extraction_overhead": ".2f"}),
+          flush=True)
     print(f"\nrelative error of the stored (float16) features vs float32: {errors}", flush=True)
     return {"rows": rows, "bf16_over_fp32_at_largest_batch": best, "relative_error_vs_fp32": errors,
             "library_note": "extract_features as the library runs it (its own autocast policy), store writes "
                             "and compression included; extraction_overhead = its time without the encoder build "
-                            "÷ the pure forward over the same batches"}
+                            "÷ the pure forward over the same batches; `library (warm)`: the same extraction "
+                            "again in the same process, CUDA and cuDNN's autotuning already set up"}
 
 
 def train_section(ctx: _Context) -> dict:
@@ -502,6 +530,108 @@ def loader_section(ctx: _Context) -> dict:
     return {"rows": rows, "goal": "headroom ≥ 3 in the mode DIV2K would use (`div2k_mode`)"}
 
 
+def pack_section(ctx: _Context) -> dict:
+    """Samples/s of K study cells training at once on one device (K processes), ÷ one cell alone.
+
+    At the published batch of 4 one cell leaves most of a GPU idle; ``featinv study --executor
+    dask --workers K`` puts K cells on each GPU. Each worker (``benchmarks.gpu_pack``) is a
+    fresh process training one cell from the RAM-cached store with featinv's own precision
+    policy and loss; all follow one schedule of windows, so the K cells of a window really
+    share the device while they are counted.
+    """
+    plan = ctx.plan
+    if not plan.pack_cases:
+        return {"skipped": "no pack cases in this plan"}
+    for tap, _ in plan.pack_cases:
+        ctx.stores.get(tap)
+    folder = ctx.work / "pack"
+    remove_tree(folder)
+    folder.mkdir(parents=True)
+    windows, at = [], 0.0
+    for tap, decoder in plan.pack_cases:
+        for prec in plan.pack_precisions:
+            for workers in plan.pack_workers:
+                windows.append({"taps": [tap], "decoder": decoder, "fusion": None, "precision": prec,
+                                "workers": workers, "warm_at": at, "measure_at": at + plan.pack_warm_seconds,
+                                "end_at": at + plan.pack_warm_seconds + plan.pack_seconds})
+                at = windows[-1]["end_at"] + 0.5  # a gap: one window's stragglers stay out of the next
+    most = max(plan.pack_workers)
+    config = {"device": str(ctx.device), "images": str(ctx.images), "features": str(ctx.stores.dir),
+              "batch": plan.batch, "threads": max(1, (os.cpu_count() or 1) // most), "warm_steps": PACK_WARM_STEPS,
+              "windows": windows}
+    (folder / "config.json").write_text(json.dumps(config))
+    log.info("  %d workers, %d windows (%.0f s)", most, len(windows), at)
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_pack", "--config", str(folder / "config.json"),
+                               "--slot", str(slot)], cwd=run.REPO, stderr=subprocess.PIPE, text=True)
+             for slot in range(most)]
+    try:
+        deadline = time.time() + CHILD_TIMEOUT
+        while not all((folder / f"ready-{slot}").exists() for slot in range(most)):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed or time.time() > deadline:
+                raise RuntimeError("a pack worker did not start: " + (failed[0].stderr.read()[-2000:] if failed
+                                                                        else f"none ready in {CHILD_TIMEOUT} s"))
+            time.sleep(0.1)
+        go = folder / "go.tmp"
+        go.write_text(repr(time.time() + 1.0))
+        go.rename(folder / "go")  # whole, never half-written
+        for p in procs:
+            _, err = p.communicate(timeout=at + CHILD_TIMEOUT)
+            if p.returncode != 0:
+                raise RuntimeError(f"a pack worker failed (exit {p.returncode}): {err[-2000:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [json.loads((folder / f"result-{slot}.json").read_text()) for slot in range(most)]
+    rows = []
+    for index, window in enumerate(windows):
+        mine = [r for slot in results for r in slot if r["window"] == index]
+        rows.append({"tap": window["taps"][0], "decoder": window["decoder"], "precision": window["precision"],
+                     "workers": window["workers"], "samples_per_s": sum(r["samples"] / r["seconds"] for r in mine),
+                     "late_seconds": max(r["late_seconds"] for r in mine)})
+    best = pack_speedups(rows, plan.pack_seconds)
+    print(f"\n## Study cells sharing one {ctx.device.type} device (batch {plan.batch}; K processes)\n")
+    print(table(rows, ["tap", "decoder", "precision", "workers", "samples_per_s", "valid", "speedup", "efficiency",
+                       "late_seconds"],
+                {"samples_per_s": ".1f", "speedup": ".2f", "efficiency": ".2f", "late_seconds": ".2f"}), flush=True)
+    return {"rows": rows, "best_by_decoder": best, "threads_per_worker": config["threads"],
+            "note": f"each window: {plan.pack_warm_seconds:.0f} s to build the cell and warm up, then the samples "
+                    f"trained in {plan.pack_seconds:.0f} s, summed over the K workers' own rates; late_seconds: "
+                    "how late the slowest worker began counting (a worker still warming up); a window with "
+                    f"late_seconds > {PACK_LATE_FRACTION:.0%} of the counting time is not valid (its workers did "
+                    "not share the device while counted) and gives no speedup"}
+
+
+PACK_WARM_STEPS = 5  # steps of each of its cells a pack worker trains before it reports ready (cuDNN autotuning)
+PACK_LATE_FRACTION = 0.25  # a pack window whose slowest worker began counting later than this is not a measurement
+
+
+def pack_speedups(rows: list[dict], pack_seconds: float) -> dict[str, dict]:
+    """Mark each ``pack`` row valid or not, add its speedup over one cell alone; the best valid one per decoder.
+
+    The speedup of K cells (in either precision) is over one cell alone as featinv runs it
+    (precision "policy"): what the study's per-run seconds were measured as. A row is valid when its slowest worker began counting within :data:`PACK_LATE_FRACTION` of
+    the counting time: otherwise the workers did not share the device while they were counted
+    (one was still building its cell or autotuning), and the sum of their rates means nothing.
+    A decoder without a valid one-worker row and a valid K-worker row is left out (the study
+    then counts no speedup for it).
+    """
+    for row in rows:
+        row["valid"] = row["late_seconds"] <= PACK_LATE_FRACTION * pack_seconds
+    best: dict[str, dict] = {}
+    for row in rows:
+        alone = next((r for r in rows if (r["tap"], r["decoder"]) == (row["tap"], row["decoder"])
+                      and r["workers"] == 1 and r.get("precision", "policy") == "policy" and r["valid"]), None)
+        row["speedup"] = row["samples_per_s"] / alone["samples_per_s"] if alone and row["valid"] else None
+        row["efficiency"] = row["speedup"] / row["workers"] if row["speedup"] is not None else None
+        if row["speedup"] is not None and row is not alone and (
+                row["decoder"] not in best or row["speedup"] > best[row["decoder"]]["speedup"]):
+            best[row["decoder"]] = {"workers": row["workers"], "precision": row.get("precision", "policy"),
+                                    "speedup": row["speedup"]}
+    return best
+
+
 def study_section(ctx: _Context) -> dict:
     """The 44-cell study at DIV2K scale: every cell timed on the cache, extrapolated; extraction added."""
     params, plan, device = ctx.params, ctx.plan, ctx.device
@@ -552,8 +682,8 @@ def study_section(ctx: _Context) -> dict:
                              "steps_timed": timed["steps"], "train_samples_per_s": timed["samples_per_s"],
                              "eval_samples_per_s": eval_rate})
         ctx.save()
-    out |= _study_estimate(runs, out["cells"], ctx.stores.reports, encoder_per_sample, ram_load_per_sample, startup,
-                           params)
+    out |= _study_estimate(runs, out["cells"], ctx.stores.reports | ctx.stores.warm_reports, encoder_per_sample,
+                           ram_load_per_sample, startup, params, ctx.sections.get("pack", {}).get("best_by_decoder"))
     _print_study(out, device)
     return out
 
@@ -660,7 +790,7 @@ def compile_section(ctx: _Context) -> dict:
 
 SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict]] = {
     "startup": startup_section, "extract": extract_section, "train": train_section, "loader": loader_section,
-    "study": study_section, "limit": limit_section, "compile": compile_section,
+    "pack": pack_section, "study": study_section, "limit": limit_section, "compile": compile_section,
 }
 
 
@@ -786,8 +916,13 @@ def _flops(encoder: TapEncoder, decoder_only: _Trainer, fixed: tuple, device: to
 
 
 def _study_estimate(runs, cells: list[dict], extraction: dict[str, dict], encoder_per_sample: dict[str, float],
-                    ram_load_per_sample: dict[str, float], startup: float | None, params: Config) -> dict:
-    """Each of the study's runs at DIV2K scale from its measured rates (unmeasured ones: the measured mean)."""
+                    ram_load_per_sample: dict[str, float], startup: float | None, params: Config,
+                    packing: dict[str, dict] | None = None) -> dict:
+    """Each of the study's runs at DIV2K scale from its measured rates (unmeasured ones: the measured mean).
+
+    ``packing`` (the ``pack`` section's best worker count and speedup per decoder) adds the study
+    with that many cells sharing the device: each run's seconds ÷ its decoder's measured speedup.
+    """
     if not cells:
         raise RuntimeError("no study cell was timed within the budget; raise --budget-seconds")
     measured = {(c["encoder"], c["fusion"], c["decoder"]): c for c in cells}
@@ -828,6 +963,7 @@ def _study_estimate(runs, cells: list[dict], extraction: dict[str, dict], encode
     runs_seconds = sum(r["seconds"] for r in rows)
     total = runs_seconds + sum(extract_seconds.values())
     naive = sum(r["naive_seconds"] for r in rows)
+    packed = _packed_estimate(rows, runs, extract_seconds, packing, params) if packing else None
     return {
         "runs": len(rows),
         "measured_runs": sum(r["measured"] for r in rows),
@@ -840,6 +976,7 @@ def _study_estimate(runs, cells: list[dict], extraction: dict[str, dict], encode
         "published_gpu_hours": PUBLISHED_GPU_HOURS,
         "published_over_featinv": PUBLISHED_GPU_HOURS / (total / 3600),
         "naive_hours_estimate": naive / 3600,
+        "packed": packed,
         "extrapolated": True,
         "from": (f"per run {per_run_train} training samples ({EPOCHS} epochs × {DIV2K_TRAIN}) at the cell's measured "
                  f"samples/s, {per_run_eval} evaluation samples (val every epoch + test) at its measured decoder "
@@ -850,6 +987,51 @@ def _study_estimate(runs, cells: list[dict], extraction: dict[str, dict], encode
                  "sample to every training and evaluation sample instead of the cache (an additive model, not a "
                  f"run); the published {PUBLISHED_GPU_HOURS:.0f} h are an RTX 6000 Ada's"),
     }
+
+
+def _packed_estimate(rows: list[dict], runs, extract_seconds: dict[str, float], packing: dict[str, dict],
+                     params: Config) -> dict:
+    """The study with cells sharing the device: each run's seconds ÷ its decoder's measured ``pack`` speedup."""
+    packed_seconds = sum(r["seconds"] / packing.get(run_.decoder, {}).get("speedup", 1.0)
+                         for r, run_ in zip(rows, runs))
+    total = packed_seconds + sum(extract_seconds.values())
+    workers = max(p["workers"] for p in packing.values())
+    ram = max((_div2k_bytes(run_taps(dataclasses.replace(params, encoder=r.encoder, fusion=r.fusion)))
+               for r in runs), default=0)
+    return {"workers_by_decoder": {d: p["workers"] for d, p in packing.items()},
+            "precision_by_decoder": {d: p.get("precision", "policy") for d, p in packing.items()},
+            "speedup_by_decoder": {d: p["speedup"] for d, p in packing.items()},
+            "unpacked_decoders": sorted({r.decoder for r in runs} - set(packing)),
+            "runs_hours": packed_seconds / 3600,
+            "hours": total / 3600,
+            "published_over_featinv": PUBLISHED_GPU_HOURS * 3600 / total,
+            "ram_gib_at_most": workers * min(ram, params.train.ram_cache_gb * 2**30) / 2**30,
+            "from": "each run's seconds above ÷ the measured speedup of its decoder's cells sharing the device "
+                    "(`pack`, its best valid worker count); decoders with no valid measurement (unpacked_decoders) "
+                    "count no speedup; extraction unchanged (one tap at a time); ram_gib_at_most: that many "
+                    "workers each holding the largest RAM-cached training split"}
+
+
+def rescore(path: Path) -> dict:
+    """Re-derive a saved run's ``pack`` speedups and packed study estimate with this file's rules (written back).
+
+    For a result measured before a rule changed: the measured rows are kept as they are; what is
+    computed from them is computed again and the file says so (``rescored``).
+    """
+    result = json.loads(path.read_text())
+    sections = result["sections"]
+    pack, study = sections["pack"], sections["study"]
+    packing = pack_speedups(pack["rows"], result["plan"]["pack_seconds"])
+    pack["best_by_decoder"] = packing
+    params = with_overrides(load_params(run.REPO / "params.yaml"), preset_overrides("published_study"))
+    runs = plan_runs(params)
+    if [f"{r.label} + {r.decoder}" for r in runs] != [r["run"] for r in study["per_run"]]:
+        raise ValueError(f"{path}: its study's runs are not this params.yaml's published study")
+    study["packed"] = _packed_estimate(study["per_run"], runs, study["extract_seconds_per_tap"], packing, params)
+    result["rescored"] = {"date": time.strftime("%Y-%m-%d"), "what": "pack validity and speedups; study.packed",
+                          "rule": f"late_seconds ≤ {PACK_LATE_FRACTION:.0%} of pack_seconds"}
+    write_json(path, run._rounded(result))
+    return result
 
 
 def _div2k_bytes(taps: list[str]) -> int:
@@ -946,6 +1128,8 @@ def _print_study(study: dict, device: torch.device) -> None:
     rows = [{"path": "featinv: extraction (8 taps × 2,820 images)", "hours": study["featinv_extract_hours"]},
             {"path": "featinv: 44 runs from the cache", "hours": study["featinv_runs_hours"]},
             {"path": "featinv: total", "hours": study["featinv_hours"]},
+            *([{"path": f"featinv: total, cells sharing the device ({study['packed']['workers_by_decoder']})",
+                "hours": study["packed"]["hours"]}] if study.get("packed") else []),
             {"path": "encoder in the loop (additive estimate, this device)", "hours": study["naive_hours_estimate"]},
             {"path": "published (RTX 6000 Ada, encoder in the loop)", "hours": study["published_gpu_hours"]}]
     print(table(rows, ["path", "hours"], {"hours": ".3f"}))

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_device.sh wheels   # here, once: the pure-Python deps the device image lacks → .whl/
 #   # then, with the device tool: carry [".whl"], timeout_s 600, command:
-#   bash benchmarks/gpu_device.sh run      # there: installs them beside its torch, runs benchmarks/gpu.py
+#   bash benchmarks/gpu_device.sh run [ARGS]  # there: installs them beside its torch, runs benchmarks/gpu.py ARGS
 #
 # The device image has its own torch/torchvision/timm/scikit-image, but not zarr, numcodecs, donfig,
 # google-crc32c or lpips; they are pure Python (or manylinux) wheels for its Python (3.12).
@@ -22,7 +22,7 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --target /tmp/featinv-site .whl/*.whl
     export PYTHONPATH="/tmp/featinv-site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    python3 -m benchmarks.gpu --out "$OUT/gpu.json" 2>&1 | tee "$OUT/log.txt"
+    python3 -m benchmarks.gpu --out "$OUT/gpu.json" "${@:2}" 2>&1 | tee "$OUT/log.txt"
     ;;
   *)
     echo "usage: bash benchmarks/gpu_device.sh wheels|run" >&2

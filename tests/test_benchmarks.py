@@ -77,7 +77,11 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path):
         assert all(_positive(row[f"cache_speedup_{p}"]) for p in gpu.PRECISIONS)
     (loader,) = sections["loader"]["rows"]
     assert _positive(loader["ram_headroom"]) and _positive(loader["stream_1_threads_samples_per_s"])
+    pack = sections["pack"]  # K cells sharing the device: every window trained and was judged
+    assert [(r["workers"], _positive(r["samples_per_s"]), isinstance(r["valid"], bool)) for r in pack["rows"]] == \
+        [(1, True, True), (2, True, True)]
     study = sections["study"]
+    assert study["packed"] is None or _positive(study["packed"]["hours"])  # None: no valid pack window here
     assert study["runs"] == 44 and study["measured_runs"] == 1 and study["extrapolated"] is True
     assert _positive(study["featinv_hours"]) and _positive(study["published_over_featinv"])
     assert len(study["extract_seconds_per_tap"]) == 8
@@ -113,3 +117,30 @@ def test_quality_weights_flag_and_rows_keyed_by_weights(tmp_path):
     out.write_text(json.dumps([old, {**old, "weights": trained, "psnr": 30.0}]))
     kept = quality._previous_rows(out, [("vgg16/block1", "local_mlp", trained)])
     assert kept == [{**old, "weights": quality.RANDOM_ID}]
+
+
+def test_pack_speedups_count_only_windows_whose_workers_shared_the_device():
+    """A pack window whose slowest worker began counting late measured no sharing: it gives no speedup."""
+    from benchmarks import gpu
+
+    def row(decoder, workers, rate, late):
+        return {"tap": "vgg16/block1", "decoder": decoder, "workers": workers, "samples_per_s": rate,
+                "late_seconds": late}
+
+    rows = [row("wavelet", 1, 400.0, 0.0), row("wavelet", 4, 1600.0, 0.1), row("wavelet", 8, 2400.0, 0.0),
+            row("transposed_conv", 1, 2.0, 3.5), row("transposed_conv", 8, 3700.0, 5.6),  # warm-up spilled in
+            row("attention", 1, 200.0, 0.0), row("attention", 8, 3000.0, 4.0)]
+    best = gpu.pack_speedups(rows, pack_seconds=4.0)
+    assert best == {"wavelet": {"workers": 8, "precision": "policy", "speedup": 6.0}}
+    assert [r["valid"] for r in rows] == [True, True, True, False, False, True, False]
+    assert rows[1]["speedup"] == 4.0 and rows[1]["efficiency"] == 1.0
+    assert rows[4]["speedup"] is None and rows[6]["speedup"] is None
+
+    # K cells in float32 count against one cell alone as featinv runs it (its precision policy).
+    rows = [dict(row("wavelet", 1, 400.0, 0.0), precision="policy"),
+            dict(row("wavelet", 1, 440.0, 0.0), precision="fp32"),
+            dict(row("wavelet", 8, 2000.0, 0.0), precision="policy"),
+            dict(row("wavelet", 8, 2600.0, 0.0), precision="fp32")]
+    assert gpu.pack_speedups(rows, pack_seconds=4.0) == {"wavelet": {"workers": 8, "precision": "fp32",
+                                                                     "speedup": 6.5}}
+    assert [r["speedup"] for r in rows] == [1.0, 1.1, 5.0, 6.5]
