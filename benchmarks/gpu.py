@@ -164,7 +164,7 @@ CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extrac
                           extract_rounds=2, warmup=2, steps=6, block=1, loader_taps=("vgg16/block1",),
                           loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
                           limit_steps=8, compile_cases=(), pack_cases=(("vgg16/block1", "transposed_conv"),),
-                          pack_workers=(1, 2), pack_warm_seconds=8.0, pack_seconds=10.0, budget_seconds=1800)
+                          pack_workers=(1, 2), pack_precisions=("policy",), pack_warm_seconds=8.0, pack_seconds=10.0, budget_seconds=1800)
 DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
                           extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
                           train_taps=("vgg16/block1",), train_decoders=("transposed_conv",), warmup=1, steps=1, loader_min_batches=4, study_steps=1,

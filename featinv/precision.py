@@ -84,19 +84,16 @@ def channels_last(obj, device: torch.device | str):
     return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 else obj
 
 
-def pinned(array: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
-    """A page-locked CPU copy of ``array`` (or of its ``rows``), so a ``non_blocking`` copy to CUDA is really asynchronous.
+def pinned(array: np.ndarray) -> torch.Tensor:
+    """A page-locked CPU copy of ``array``, so that a ``non_blocking`` copy to CUDA is really asynchronous.
 
-    Rows are gathered straight into the page-locked buffer (``index_select``, which drops the GIL
-    and splits the copy over threads): one pass over a batch instead of a NumPy gather and then a
-    copy, which held the RAM-cached loader to 1.9× the rate the GPU consumes (benchmarks/gpu.py).
+    Gathering a batch's rows straight into page-locked memory (``index_select`` with ``out=``)
+    was tried and taken out again: twice as fast on a CPU alone, but the H200 run made with it
+    timed every study cell 25–35 % slower and block3's RAM delivery at half the earlier run's
+    (BENCHMARKS.md, "GPU"). Only a GPU run that shows it pays brings it back.
     """
     source = torch.from_numpy(np.ascontiguousarray(array))
-    if rows is None:
-        return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
-    index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    out = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
-    return torch.index_select(source, 0, index, out=out)
+    return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
 
 
 class DeviceCopy:

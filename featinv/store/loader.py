@@ -143,16 +143,12 @@ class FeatureBatches:
             unique = np.unique(index)
             arrays, rows = [np.asarray(f.oindex[unique]) for f in self.features], np.searchsorted(unique, index)
             selected = len(unique) == len(index)
-        cuda = self.device.type == "cuda"  # float16/uint8 to the device; float32 is made there (_arrive)
-        if windows is None and cuda:  # rows gathered straight into page-locked memory
-            return self._copy.send([precision.pinned(a, None if selected else rows) for a in arrays]
-                                   + [precision.pinned(self.pixels, index)])
         if windows is None:
             feats = arrays if selected else [a[rows] for a in arrays]
             pixels = self.pixels[index]
         else:
             feats, pixels = self._cut(arrays, rows, index, windows[order])
-        if cuda:
+        if self.device.type == "cuda":  # float16/uint8 to the device; float32 is made there (_arrive)
             return self._copy.send([precision.pinned(f) for f in feats] + [precision.pinned(pixels)])
         return _float_batch([torch.from_numpy(f) for f in feats], torch.from_numpy(pixels))
 
