@@ -144,3 +144,13 @@ def test_pack_speedups_count_only_windows_whose_workers_shared_the_device():
     assert gpu.pack_speedups(rows, pack_seconds=4.0) == {"wavelet": {"workers": 8, "precision": "fp32",
                                                                      "speedup": 6.5}}
     assert [r["speedup"] for r in rows] == [1.0, 1.1, 5.0, 6.5]
+
+
+def test_store_write_times_each_codec_with_and_without_the_empty_chunk_check(tmp_path):
+    from benchmarks import store_write
+
+    rows = store_write.main(["--shape", "4", "8", "8", "--samples", "6", "--repeats", "1",
+                             "--out", str(tmp_path / "store_write.json")])
+    assert [r["codec"] for r in rows] == ["zstd", "lz4", "none"]
+    assert all(_positive(r["chunks_per_s_checked"]) and _positive(r["chunks_per_s_unchecked"]) for r in rows)
+    assert json.loads((tmp_path / "store_write.json").read_text())["rows"] == rows
