@@ -197,9 +197,10 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
     block1 = tap == "vgg16/block1"
     select_steps = args.select_steps if block1 else args.other_select_steps
     candidates = [REFINE_CANDIDATES[name] for name in args.candidates]
-    chosen, scores = _select_refinement(result.best_checkpoint, images, features, select_steps, candidates,
-                                        args.select_images)
-    refine_steps = (args.refine_steps if block1 else args.other_refine_steps) if chosen else 0
+    wanted_steps = args.refine_steps if block1 else args.other_refine_steps
+    chosen, scores = (_select_refinement(result.best_checkpoint, images, features, select_steps, candidates,
+                                         args.select_images) if wanted_steps > 0 else (None, []))  # 0: decoder only
+    refine_steps = wanted_steps if chosen else 0
     chosen_cfg = {f"refine_{k}": v for k, v in (chosen or {}).items()}
     ecfg = EvaluateConfig(device="cpu", refine=refine_steps, **chosen_cfg)
     m = evaluate_run(result.best_checkpoint, images, features, ecfg, run / "eval.json",
