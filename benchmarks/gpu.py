@@ -156,7 +156,8 @@ GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH
            loader_taps=("vgg16/block1", "vgg16/block3"), loader_threads=(1, 4), loader_min_batches=128,
            study_steps=200, study_cell_seconds=3.0, study_cells=None, limit_taps=None, limit_steps=60,
            compile_cases=(("vgg16/block1", "transposed_conv"), ("vgg16/block1", "local_mlp")),
-           pack_cases=tuple(("vgg16/block1", d) for d in ("transposed_conv", "frequency_aware", "wavelet", "attention")),
+           pack_cases=tuple(("vgg16/block1", d)
+                            for d in ("transposed_conv", "frequency_aware", "wavelet", "attention")),
            pack_workers=(1, 8), pack_precisions=("policy", "fp32"), pack_warm_seconds=3.0, pack_seconds=4.0,
            budget_seconds=450)
 # The CPU's own figures (start-up, achieved vs limit): the same sections, sized for 2 cores.
@@ -611,8 +612,9 @@ def pack_speedups(rows: list[dict], pack_seconds: float) -> dict[str, dict]:
     """Mark each ``pack`` row valid or not, add its speedup over one cell alone; the best valid one per decoder.
 
     The speedup of K cells (in either precision) is over one cell alone as featinv runs it
-    (precision "policy"): what the study's per-run seconds were measured as. A row is valid when its slowest worker began counting within :data:`PACK_LATE_FRACTION` of
-    the counting time: otherwise the workers did not share the device while they were counted
+    (precision "policy"): what the study's per-run seconds were measured as. A row is valid
+    when its slowest worker began counting within :data:`PACK_LATE_FRACTION` of the counting
+    time: otherwise the workers did not share the device while they were counted
     (one was still building its cell or autotuning), and the sum of their rates means nothing.
     A decoder without a valid one-worker row and a valid K-worker row is left out (the study
     then counts no speedup for it).

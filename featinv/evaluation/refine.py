@@ -49,6 +49,7 @@ import logging
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -129,7 +130,10 @@ def refine_images(
     start = time.perf_counter()
     scales = _target_scales(targets)
     base = init01.detach().clamp(0, 1).contiguous()
-    generator = torch.Generator().manual_seed(seed)
+    # One noise stream per image, seeded by (seed, its index in the batch): one stream for the
+    # batch would give an image other starts when the batch size changes.
+    generators = [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                  for i in range(len(base))]
     total = torch.zeros_like(base)
     steps_run = []
     # One L-BFGS problem per image: over a batch, its curvature estimate and line search would
@@ -141,7 +145,8 @@ def refine_images(
         start01 = base
         if noise > 0:
             if index % 2 == 0:  # drawn on the CPU so a seed gives the same starts on every device
-                draw = noise * torch.randn(base.shape, generator=generator).to(base.device)
+                draw = noise * torch.stack([torch.randn(base.shape[1:], generator=g)
+                                            for g in generators]).to(base.device)
             # Antithetic pairs: the second sample of each pair starts from the opposite noise, so
             # whatever part of the noise refinement leaves in place cancels exactly in the mean.
             start01 = (base + (draw if index % 2 == 0 else -draw)).clamp(0, 1)

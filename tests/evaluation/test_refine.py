@@ -176,6 +176,18 @@ def test_averaging_noisy_refinements_cancels_detail_the_features_do_not_determin
     assert torch.equal(mean, again)  # the seed fixes the start noise
 
 
+def test_an_image_gets_the_same_noisy_starts_alone_and_in_a_batch():
+    """Averaged refinements: an image's start noise is its own, whatever the batch around it."""
+    encoder = build_encoder("vgg16/block1")
+    targets = torch.cat([_image(seed=1), _image(seed=2), _image(seed=4)])
+    with torch.no_grad():
+        feats = encoder(targets)
+    settings = {"steps": 1, "samples": 4, "noise": 0.1, "seed": 7}  # two antithetic pairs: two draws
+    together, _ = refine_images(targets, [encoder], [feats], **settings)  # Adam: per pixel, no coupling
+    first_two, _ = refine_images(targets[:2], [encoder], [feats[:2]], **settings)
+    assert torch.allclose(together[:2], first_two, atol=1e-3)  # Adam's eps couples only at ~1e-4
+
+
 def test_several_samples_without_noise_are_refused():
     encoder = build_encoder("vgg16/block1")
     with pytest.raises(ValueError, match="refine_noise"):
