@@ -59,24 +59,31 @@ def collect_results(metrics_root: str | Path, runs: list[StudyRun]) -> pd.DataFr
 
 
 def baseline_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """One leaderboard row per tap (or fusion) and non-learned baseline, on the same test images.
+    """The non-learned baselines of the runs' taps (or fusions), on the same test images.
 
     A baseline row's ``decoder`` is ``baseline: <name>`` (``baseline: thumbnail_28x28``); it has no
-    parameters, training or budget.
+    parameters, training, budget or encoder weights. Taps whose baseline scores the same share one
+    row that names them (``vgg16/block3, resnet34/layer2``: one grid, one thumbnail), or says
+    ``every tap``, instead of repeating it per tap. Only a thumbnail row has a margin over the
+    thumbnail (zero): a grid-free baseline (mean colour, dataset mean) is the same for every tap.
     """
-    rows, seen = [], set()
+    rows: dict[tuple, dict] = {}
+    taps_with_baselines = []
     for r in results.itertuples():
         thumbnail_psnr = getattr(r, "thumbnail_psnr", None)
         for name, scores in (getattr(r, "baselines", None) or {}).items():
-            key = (r.tap_or_fusion, name)
-            if key in seen:
-                continue
-            seen.add(key)
-            rows.append({"tap_or_fusion": r.tap_or_fusion, "decoder": f"baseline: {name}",
-                         "psnr": scores["psnr"]["mean"], "ssim": scores["ssim"]["mean"], "weights": r.weights,
-                         "psnr_over_thumbnail": (scores["psnr"]["mean"] - thumbnail_psnr
-                                                 if thumbnail_psnr is not None else None)})
-    return pd.DataFrame(rows)
+            psnr, ssim = scores["psnr"]["mean"], scores["ssim"]["mean"]
+            thumbnail = name.startswith("thumbnail_") and thumbnail_psnr is not None
+            key = (name, round(psnr, 9), round(ssim, 9))
+            row = rows.setdefault(key, {"taps": [], "decoder": f"baseline: {name}", "psnr": psnr, "ssim": ssim,
+                                        "weights": "", "psnr_over_thumbnail": psnr - thumbnail_psnr if thumbnail
+                                        else None})
+            for taps in (row["taps"], taps_with_baselines):
+                if r.tap_or_fusion not in taps:
+                    taps.append(r.tap_or_fusion)
+    return pd.DataFrame([{"tap_or_fusion": "every tap" if len(taps_with_baselines) > 1
+                          and row["taps"] == taps_with_baselines else ", ".join(row["taps"]),
+                          **{k: v for k, v in row.items() if k != "taps"}} for row in rows.values()])
 
 
 def leaderboard(results: pd.DataFrame, baselines: bool = True) -> pd.DataFrame:

@@ -75,9 +75,24 @@ def test_leaderboard_ranks_runs_by_psnr_then_ssim_among_their_baselines(tmp_path
     assert len(pd.read_csv(csv_path)) == 5
     md = md_path.read_text()
     assert "| 1 | vgg16/block3 | b | 25.00 | -1.00 | 0.800 | 0.300 | random:seed=0 | 30 | 128 | 5 |" in md
-    assert "| — | vgg16/block3 | baseline: thumbnail_28x28 | 26.00 | +0.00 | 0.750 |" in md
+    assert "| — | vgg16/block3 | baseline: thumbnail_28x28 | 26.00 | +0.00 | 0.750 |  |  |" in md  # no weights
     assert "| 3 | vgg16/block1 | a ↑ |" in md and "1 of 3" in md  # still improving, flagged
     assert "Budget per run: 128 samples seen, 3–5 s of training" in md
+
+
+def test_taps_with_the_same_baseline_share_one_row():
+    results = _results()
+    twin = dict(results.iloc[2], tap_or_fusion="resnet34/layer2", decoder="c", psnr=24.0)  # same 28×28 grid
+    other = dict(results.iloc[2], tap_or_fusion="vit_small/block1", decoder="d", thumbnail_psnr=23.0,
+                 baselines={"mean_colour": _scores(12.7, 0.3, [14, 14]), "thumbnail_14x14": _scores(23.0, 0.6)})
+    board = leaderboard(pd.concat([results, pd.DataFrame([twin, other])], ignore_index=True))
+    base = board[board["rank"] == 0].set_index(["tap_or_fusion", "decoder"])
+    assert base.loc[("vgg16/block3, resnet34/layer2", "baseline: thumbnail_28x28"), "psnr_over_thumbnail"] == 0
+    assert base.loc[("vit_small/block1", "baseline: thumbnail_14x14"), "psnr"] == 23.0
+    # The mean colour does not depend on the grid: one row, without a margin over a thumbnail.
+    assert pd.isna(base.loc[("every tap", "baseline: mean_colour"), "psnr_over_thumbnail"])
+    assert len(base) == 3
+
 
 
 def test_depth_figure_orders_taps_by_depth(tmp_path):
