@@ -165,7 +165,8 @@ CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extrac
                           extract_rounds=2, warmup=2, steps=6, block=1, loader_taps=("vgg16/block1",),
                           loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
                           limit_steps=8, compile_cases=(), pack_cases=(("vgg16/block1", "transposed_conv"),),
-                          pack_workers=(1, 2), pack_precisions=("policy",), pack_warm_seconds=8.0, pack_seconds=10.0, budget_seconds=1800)
+                          pack_workers=(1, 2), pack_precisions=("policy",), pack_warm_seconds=8.0, pack_seconds=10.0,
+                          budget_seconds=1800)
 DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
                           extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
                           train_taps=("vgg16/block1",), train_decoders=("transposed_conv",), warmup=1, steps=1, loader_min_batches=4, study_steps=1,
@@ -296,8 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["environment"]["loadavg_end"] = list(os.getloadavg())
         write_json(args.out, run._rounded(result))
 
-    # The published 44-run grid, whatever the default study is.
-    params = with_overrides(load_params(run.REPO / "params.yaml"), preset_overrides("published_study"))
+    params = _published_study_params()
     data = _synthetic_data(plan, args.work)
     images = run._prepared(data, args.work)
     result["counts"] = run._counts(images)
@@ -1025,7 +1025,7 @@ def rescore(path: Path) -> dict:
     pack, study = sections["pack"], sections["study"]
     packing = pack_speedups(pack["rows"], result["plan"]["pack_seconds"])
     pack["best_by_decoder"] = packing
-    params = with_overrides(load_params(run.REPO / "params.yaml"), preset_overrides("published_study"))
+    params = _published_study_params()
     runs = plan_runs(params)
     if [f"{r.label} + {r.decoder}" for r in runs] != [r["run"] for r in study["per_run"]]:
         raise ValueError(f"{path}: its study's runs are not this params.yaml's published study")
@@ -1034,6 +1034,11 @@ def rescore(path: Path) -> dict:
                           "rule": f"late_seconds ≤ {PACK_LATE_FRACTION:.0%} of pack_seconds"}
     write_json(path, run._rounded(result))
     return result
+
+
+def _published_study_params() -> Config:
+    """params.yaml with the published 44-run grid, whatever the default study is."""
+    return with_overrides(load_params(run.REPO / "params.yaml"), preset_overrides("published_study"))
 
 
 def _div2k_bytes(taps: list[str]) -> int:

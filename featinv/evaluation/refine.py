@@ -140,7 +140,11 @@ def refine_images(
     # couple the images, so an image's refinement would depend on which others share its batch
     # (on trained vgg16/block1, 19 images refined together stopped at 80 steps and 43.7 dB where
     # 4 reached 47.1). Adam's steps are per pixel already, so it takes the batch at once.
-    pieces = [slice(i, i + 1) for i in range(len(base))] if optimizer == "lbfgs" else [slice(None)]
+    slices = [slice(i, i + 1) for i in range(len(base))] if optimizer == "lbfgs" else [slice(None)]
+    pieces = []  # (slice, its targets, their scales): the same for every sample
+    for piece in slices:
+        part = [t[piece] for t in targets]
+        pieces.append((piece, part, _target_scales(part)))
     for index in range(samples):
         start01 = base
         if noise > 0:
@@ -150,9 +154,8 @@ def refine_images(
             # Antithetic pairs: the second sample of each pair starts from the opposite noise, so
             # whatever part of the noise refinement leaves in place cancels exactly in the mean.
             start01 = (base + (draw if index % 2 == 0 else -draw)).clamp(0, 1)
-        for piece in pieces:
-            part = [t[piece] for t in targets]
-            refined, run = _refine_one(start01[piece], encoders, part, _target_scales(part), steps, lr, tv,
+        for piece, part, part_scales in pieces:
+            refined, run = _refine_one(start01[piece], encoders, part, part_scales, steps, lr, tv,
                                        early_stop, optimizer, smooth)
             total[piece] += refined
             steps_run.append(run)
