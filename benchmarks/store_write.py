@@ -6,7 +6,10 @@ compares every chunk with the fill value before writing it (``write_empty_chunks
 which for float16 is a slow element-wise comparison; features are never one whole all-zero
 map, so featinv skips it. This times exactly that write: ``array[:] = x`` of ``--samples``
 one-sample chunks of post-ReLU Gaussian float16 features (vgg16/block1-shaped by default),
-best of ``--repeats``, per codec as ``extract.codec`` names them, both settings interleaved.
+best of ``--repeats``, per codec as ``extract.codec`` names them, all ways interleaved. Beside
+it, the same unchecked write split over ``--threads`` writer threads, and the codec alone
+(numcodecs' Blosc, as the store configures it) on one thread and on ``--threads``: whether
+Zarr's write path, rather than the codec, keeps the chunks to one core.
 
     python -m benchmarks.store_write                      # (64, 112, 112) float16, 64 samples
     python -m benchmarks.store_write --shape 256 56 56
@@ -17,12 +20,15 @@ Prints a table and writes benchmarks/results/store_write.json.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
+from numcodecs import Blosc
 
 from benchmarks.common import RESULTS, machine, table, write_json
 from featinv.zarr_utils import CODECS, compressors_for
@@ -34,12 +40,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--codecs", nargs="+", default=list(CODECS))
+    p.add_argument("--threads", type=int, default=max(2, os.cpu_count() or 1),
+                   help="threads for the threaded writes and encodes (default: the CPU count)")
     p.add_argument("--out", type=Path, default=RESULTS / "store_write.json")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     feats = np.maximum(rng.standard_normal((args.samples, *args.shape), dtype=np.float32), 0).astype(np.float16)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.threads) as pool:
         for codec in args.codecs:
             arrays = {}
             for check in (True, False):  # check = Zarr's default: compare each chunk with the fill value
@@ -48,21 +56,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                           compressors=compressors_for(codec, 1))
                 arrays[check] = array.with_config({"write_empty_chunks": not check})
                 arrays[check][:] = feats  # first write: files created, untimed
-            best = dict.fromkeys(arrays, 0.0)
+            unchecked = arrays[False]
+            parts = np.array_split(np.arange(args.samples), args.threads)
+
+            def write_part(rows_: np.ndarray, array=unchecked) -> None:
+                array[rows_[0]:rows_[-1] + 1] = feats[rows_[0]:rows_[-1] + 1]
+
+            # Each way of writing all the chunks once; interleaved so load hits them alike.
+            ways = {"checked": lambda: arrays[True].__setitem__(slice(None), feats),
+                    "unchecked": lambda: unchecked.__setitem__(slice(None), feats),
+                    "unchecked_threads": lambda: list(pool.map(write_part, parts))}
+            if codec != "none":  # the codec alone, outside Zarr: what parallel encoding could reach
+                blosc = Blosc(cname=codec, clevel=1, shuffle=Blosc.SHUFFLE, typesize=2)
+                ways["codec_alone"] = lambda: [blosc.encode(f) for f in feats]
+                ways["codec_alone_threads"] = lambda: list(pool.map(blosc.encode, feats))
+            best = dict.fromkeys(ways, 0.0)
             for _ in range(args.repeats):
-                for check, array in arrays.items():
+                for name, way in ways.items():
                     t0 = time.perf_counter()
-                    array[:] = feats
-                    best[check] = max(best[check], args.samples / (time.perf_counter() - t0))
+                    way()
+                    best[name] = max(best[name], args.samples / (time.perf_counter() - t0))
             assert all(np.array_equal(a[:], feats) for a in arrays.values())
-            rows.append({"codec": codec, "chunks_per_s_checked": best[True], "chunks_per_s_unchecked": best[False],
-                         "speedup": best[False] / best[True],
-                         "mb_per_s_unchecked": best[False] * feats[0].nbytes / 1e6})
-    print(table(rows, ["codec", "chunks_per_s_checked", "chunks_per_s_unchecked", "speedup", "mb_per_s_unchecked"],
-                {"chunks_per_s_checked": ".0f", "chunks_per_s_unchecked": ".0f", "speedup": ".2f",
-                 "mb_per_s_unchecked": ".0f"}))
+            rows.append({"codec": codec, **{f"chunks_per_s_{name}": rate for name, rate in best.items()},
+                         "speedup": best["unchecked"] / best["checked"],
+                         "mb_per_s_unchecked": best["unchecked"] * feats[0].nbytes / 1e6})
+    columns = ["codec", *(f"chunks_per_s_{name}" for name in ("checked", "unchecked", "unchecked_threads",
+                                                               "codec_alone", "codec_alone_threads")),
+               "speedup", "mb_per_s_unchecked"]
+    print(f"{args.threads} threads where a column says so")
+    print(table(rows, columns, {c: ".2f" if c == "speedup" else ".0f" for c in columns[1:]}))
     write_json(args.out, {"command": " ".join(["python -m benchmarks.store_write", *(argv or [])]),
                           "machine": machine(), "shape": list(args.shape), "samples": args.samples,
+                          "threads": args.threads,
                           "zarr": zarr.__version__, "rows": rows})
     return rows
 

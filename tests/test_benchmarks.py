@@ -153,4 +153,6 @@ def test_store_write_times_each_codec_with_and_without_the_empty_chunk_check(tmp
                              "--out", str(tmp_path / "store_write.json")])
     assert [r["codec"] for r in rows] == ["zstd", "lz4", "none"]
     assert all(_positive(r["chunks_per_s_checked"]) and _positive(r["chunks_per_s_unchecked"]) for r in rows)
+    assert all(_positive(r["chunks_per_s_unchecked_threads"]) for r in rows)
+    assert [_positive(r.get("chunks_per_s_codec_alone")) for r in rows] == [True, True, False]  # none: no codec
     assert json.loads((tmp_path / "store_write.json").read_text())["rows"] == rows
