@@ -6,9 +6,11 @@ metrics stay float32 and the feature stores stay float16.  bfloat16 rather than 
 float32's exponent range, so no loss scaling and no overflow inside deep encoders (the
 features are still rounded to float16 for the store, which ``feature_store`` checks).
 
-On every other device these helpers change nothing.  In particular the CPU keeps float32:
-bf16 autocast is an option torch offers there too, and ``python -m benchmarks.gpu --device
-cpu`` measures it against float32 (BENCHMARKS.md), but only a measurement may turn it on.
+On every other device these helpers change nothing by default: the CPU keeps float32.
+Training can ask for bf16 there (``train.precision: bfloat16``) on a CPU that computes it
+natively (AVX512-BF16 or AMX): measured on such a CPU it halves the local_mlp decoder's step
+at no loss of quality (BENCHMARKS.md, "Trained encoders"), while on a CPU without it torch
+emulates bf16 slowly, so there the run stays float32 and says so.
 
 A batch for CUDA travels as float16 features and uint8 pixels (half and a quarter of the
 float32 bytes) in page-locked host memory, copied on a side stream (:class:`DeviceCopy`) so
@@ -24,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AMP_DTYPE", "amp_enabled", "autocast", "float32", "setup", "channels_last", "pinned", "DeviceCopy",
+__all__ = ["AMP_DTYPE", "PRECISIONS", "amp_enabled", "autocast", "training_dtype", "float32", "setup", "channels_last", "pinned", "DeviceCopy",
            "compiled"]
 
 AMP_DTYPE = torch.bfloat16
+PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision's choices
 
 
 def amp_enabled(device: torch.device | str) -> bool:
@@ -47,6 +50,37 @@ def autocast(device: torch.device | str, enabled: bool = True,
     if enabled and amp_enabled(device):
         return torch.autocast(device_type="cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), which oneDNN uses under autocast."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, probe, lambda: False)()) for probe in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def training_dtype(device: torch.device | str, setting: str = "auto") -> tuple[torch.dtype | None, list[str]]:
+    """The autocast dtype a training run computes in (None: float32), and the fallback it took.
+
+    ``setting`` is ``train.precision``: ``auto`` (bf16 on CUDA, float32 elsewhere),
+    ``float32``, or ``bfloat16`` (CUDA, or a CPU with native bf16; float32 anywhere else,
+    with a note the run records).
+    """
+    device = torch.device(device)
+    if setting == "float32" or (setting == "auto" and not amp_enabled(device)):
+        return None, []
+    if setting == "auto" or device.type == "cuda" or (device.type == "cpu" and cpu_computes_bf16()):
+        return AMP_DTYPE, []
+    where = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if device.type == "cpu" else \
+        f"bf16 autocast is not used on {device.type}"
+    return None, [f"train.precision: bfloat16 asked for, but {where}: training in float32"]
+
+
+def autocast_to(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type, as :func:`training_dtype` chose it; None: a context that does nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def float32(tensor: torch.Tensor) -> torch.Tensor:

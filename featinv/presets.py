@@ -42,6 +42,10 @@ PRESETS: dict[str, dict[str, object]] = {
         # Windows are gathered from RAM; streaming would read a whole map per window.
         # VGG-16 block1 at DIV2K scale (2,560 views) is 4.1 GB of float16.
         "train.ram_cache_gb": 8,
+        # The MLP in bf16 (its ridge path stays float32): on a CPU with native bf16 each step costs
+        # half, and trained vgg16/block1 reached 36.81 dB in 10 minutes where float32 reached 36.66
+        # (BENCHMARKS.md, "Trained encoders"). A CPU without native bf16 trains in float32 and says so.
+        "train.precision": "bfloat16",
     },
     # Refinement for deep taps, where the features leave fine detail undetermined: L-BFGS on a
     # 2× coarser correction, then one decoder back-projection (featinv.evaluation.refine explains

@@ -157,3 +157,42 @@ def test_cpu_feature_maps_arrive_channels_last(tiny_images, tiny_features):
     assert torch.equal(f, torch.from_numpy(store.split("train")[:2]).float())
     assert decoder_inputs(feats, torch.device("cpu"))[0].data_ptr() == f.data_ptr()
     assert pixels01.shape[1] == 3 and float(pixels01.max()) <= 1.0
+
+
+def test_training_precision_policy(monkeypatch):
+    # auto: bf16 on CUDA only; float32 never autocasts; bfloat16 where the hardware computes it.
+    assert precision.training_dtype("cuda", "auto") == (torch.bfloat16, [])
+    assert precision.training_dtype("cpu", "auto") == (None, [])
+    assert precision.training_dtype("cuda", "float32") == (None, [])
+    assert precision.training_dtype("cuda", "bfloat16") == (torch.bfloat16, [])
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: True)
+    assert precision.training_dtype("cpu", "bfloat16") == (torch.bfloat16, [])
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: False)
+    dtype, notes = precision.training_dtype("cpu", "bfloat16")
+    assert dtype is None and len(notes) == 1 and "no native bf16" in notes[0] and "float32" in notes[0]
+    dtype, notes = precision.training_dtype("mps", "bfloat16")
+    assert dtype is None and "mps" in notes[0]
+
+
+def test_autocast_to_uses_the_devices_own_autocast(autocast_calls):
+    with precision.autocast_to("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")
+    with precision.autocast_to("cpu", torch.bfloat16):
+        pass
+    assert autocast_calls == [("cpu", torch.bfloat16)]
+
+
+def test_local_mlp_keeps_its_linear_path_in_float32_under_bf16():
+    from featinv.decoders.local_mlp import LocalMLPDecoder
+
+    torch.manual_seed(0)
+    decoder = LocalMLPDecoder((8, 4, 4), out_size=8, hidden=16)
+    nn.init.normal_(decoder.mlp[-1].weight, std=0.1)
+    windows = torch.randn(5, 8, 3, 3)
+    exact = decoder.forward_valid(windows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = decoder.forward_valid(windows)
+        linear = decoder._linear_path(windows)
+    assert linear.dtype == torch.float32 and mixed.dtype == torch.float32
+    assert torch.allclose(linear, decoder.linear(windows))  # bit-for-bit the float32 path
+    assert (mixed - exact).abs().max() < 0.02 and not torch.equal(mixed, exact)  # only the MLP is bf16

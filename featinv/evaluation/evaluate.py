@@ -224,7 +224,10 @@ def _store_notes(stores: list[FeatureStore]) -> list[str]:
 def _train_summary(meta: dict) -> dict:
     result = meta.get("train_result", {})
     keys = ("best_epoch", "epochs_run", "stopped", "train_seconds", "train_steps", "samples_seen", "best_val_loss")
-    return {k: result.get(k) for k in keys}
+    summary = {k: result.get(k) for k in keys}
+    if "precision" in result:  # recorded by runs since train.precision existed (all float32 on a CPU before)
+        summary["precision"] = result["precision"]
+    return summary
 
 
 def _write_csv(path: str | Path, ids: list[str], rows: list[dict]) -> None:

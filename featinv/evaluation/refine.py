@@ -65,7 +65,10 @@ log = logging.getLogger(__name__)
 PLATEAU_WINDOW = 10  # steps over which the feature loss must keep improving
 PLATEAU_REL = 1e-3  # … by at least this relative amount, or refinement stops
 OPTIMIZERS = REFINE_OPTIMIZERS
-LBFGS_HISTORY = 20
+# Curvature pairs L-BFGS keeps: enough to remember every step of a 100-step refinement. On
+# trained vgg16/block1 (4 validation images, 100 steps) 100 pairs reached 47.21 dB, 50 pairs
+# 47.15 and 20 pairs 46.65, at the same time per step; each pair costs two image-sized tensors.
+LBFGS_HISTORY = 100
 LBFGS_LINE_SEARCH_EVALS = 25  # objective evaluations one L-BFGS iteration's line search may spend
 
 

@@ -61,6 +61,7 @@ class TrainResult:
     decoder_params: int
     device: str
     fallbacks: list[str]
+    precision: str = "float32"  # what the decoder's steps computed in: float32 | bfloat16 (autocast)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -130,6 +131,10 @@ def train_decoder(
     stores = open_feature_stores(cfg, images, features_dir)
     device, fallbacks = resolve_device(tc.device, "train.device")
     precision.setup(device)
+    amp_dtype, precision_fallbacks = precision.training_dtype(device, tc.precision)
+    for note in precision_fallbacks:
+        log.warning("%s", note)
+    fallbacks = fallbacks + precision_fallbacks
     criterion = ReconstructionLoss(tc.loss).to(device)
 
     torch.manual_seed(tc.seed)
@@ -138,7 +143,8 @@ def train_decoder(
                                 images.crop).to(device)
     n_params = count_parameters(model)
     crop = _feature_crop(tc.feature_crop, model, specs, images.crop)
-    log.info("training %s on %s (%d parameters) on %s", cfg.decoder, cfg.encoder, n_params, device)
+    log.info("training %s on %s (%d parameters) on %s in %s", cfg.decoder, cfg.encoder, n_params, device,
+             _dtype_name(amp_dtype))
 
     train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
                                    tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
@@ -195,7 +201,7 @@ def train_decoder(
             feats, target = decoder_inputs(feats, device), target.to(device)
             # Windows with context: only the outputs whose window saw real context (decoders that
             # declare a context_margin provide forward_valid for that).
-            with precision.autocast(device):  # bf16 on CUDA; nothing changes elsewhere
+            with precision.autocast_to(device, amp_dtype):  # bf16 on CUDA by default (train.precision)
                 pred = model.decoder.forward_valid(feats[0]) if crop is not None and crop.margin else model(feats)
             loss, _ = criterion(precision.float32(pred), target)
             optimizer.zero_grad(set_to_none=True)
@@ -210,7 +216,7 @@ def train_decoder(
             seen += target.shape[0]
             steps += 1
         samples_seen += seen
-        val_loss, val_psnr = _validate(model, val_batches, criterion, device)
+        val_loss, val_psnr = _validate(model, val_batches, criterion, device, amp_dtype)
         if tc.scheduler == "plateau":
             scheduler.step(val_loss)
         improved = val_loss < best_loss
@@ -234,7 +240,7 @@ def train_decoder(
             break
     seconds = time.perf_counter() - start
     result = TrainResult(out_dir / "best.pt", out_dir / "last.pt", best_epoch, best_loss, epoch, stopped,
-                         seconds, steps, samples_seen, n_params, str(device), fallbacks)
+                         seconds, steps, samples_seen, n_params, str(device), fallbacks, _dtype_name(amp_dtype))
     # Record the run summary in both checkpoints, and only now mark them finished.
     for path in (out_dir / "best.pt", out_dir / "last.pt"):
         _annotate(path, {"train_result": result.to_dict(), "finished": True})
@@ -260,6 +266,10 @@ def check_image_store(cfg: Config, images: ImageStore) -> None:
     if differences:
         raise StoreMismatchError(f"{images.path} was prepared with other settings: {'; '.join(differences)}. "
                                  "Re-run `dvc repro prepare` (or `featinv prepare`) and re-extract, or restore the params")
+
+
+def _dtype_name(amp_dtype: torch.dtype | None) -> str:
+    return "float32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
 
 
 def decoder_inputs(feats: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -301,14 +311,15 @@ def _feature_crop(size: int | None, model: Reconstructor, specs, crop_px: int) -
     return FeatureCrop(size, crop_px // height, int(getattr(model.decoder, "context_margin", 0)))
 
 
-def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device) -> tuple[float, float]:
+def _validate(model: Reconstructor, batches: FeatureBatches, criterion, device,
+              amp_dtype: torch.dtype | None) -> tuple[float, float]:
     model.eval()
     total, psnr_sum, n = 0.0, 0.0, 0
     with torch.no_grad():
         for feats, target in batches:
             feats, target = [f.to(device) for f in feats], target.to(device)
-            with precision.autocast(device):
-                pred = precision.float32(model(feats))  # loss and PSNR in float32
+            with precision.autocast_to(device, amp_dtype):  # the model as it trains; metrics in float32
+                pred = precision.float32(model(feats))
             loss, _ = criterion(pred, target)
             mse = ((pred - target) ** 2).flatten(1).mean(1).clamp_min(1e-10)
             total += float(loss) * target.shape[0]

@@ -232,3 +232,23 @@ def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, t
     cfg = dataclasses.replace(tiny_config, extract=dataclasses.replace(tiny_config.extract, weights_seed=3))
     with pytest.raises(StoreMismatchError, match="weights"):
         train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_training_on_the_cpu_is_taken_only_where_the_cpu_computes_it(tiny_config, tiny_images, tiny_features,
+                                                                              tmp_path, monkeypatch, native):
+    from featinv import precision
+
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: native)
+    train = dataclasses.replace(tiny_config.train, feature_crop=16, epochs=1, samples_per_epoch=8, precision="bfloat16")
+    cfg = dataclasses.replace(tiny_config, decoder="local_mlp", train=train)
+    result = train_decoder(cfg, tiny_images, tiny_features, tmp_path / "run")
+    _, meta = load_checkpoint(result.best_checkpoint)
+    assert result.precision == meta["train_result"]["precision"] == ("bfloat16" if native else "float32")
+    assert any("no native bf16" in note for note in result.fallbacks) != native
+    if native:  # the evaluation's metrics say what the decoder was trained in
+        from featinv.evaluation.evaluate import evaluate_run
+
+        metrics = evaluate_run(result.best_checkpoint, tiny_images, tiny_features, cfg.evaluate,
+                               tmp_path / "eval.json", tmp_path / "eval.csv", tmp_path / "grid.png")
+        assert metrics["train"]["precision"] == "bfloat16"
