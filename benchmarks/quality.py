@@ -193,7 +193,8 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
         log.info("%s: reusing the finished run's checkpoint (--reuse); only refinement and evaluation re-run", run)
     base = {"tap": tap, "decoder": decoder, "weights": wid, "train_steps": result.train_steps,
             "train_seconds": round(result.train_seconds, 1), "train_minutes_budget": minutes,
-            "epochs": result.epochs_run, "decoder_params": result.decoder_params}
+            "epochs": result.epochs_run, "decoder_params": result.decoder_params,
+            "train_precision": result.precision}  # rows without it trained in float32 (the CPU's only mode then)
     block1 = tap == "vgg16/block1"
     select_steps = args.select_steps if block1 else args.other_select_steps
     candidates = [REFINE_CANDIDATES[name] for name in args.candidates]

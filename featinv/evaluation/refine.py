@@ -205,9 +205,10 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
     correction = base.new_zeros(grid_shape, requires_grad=True)
 
     def image() -> torch.Tensor:
-        # A per-pixel correction is projected back into [0, 1] between optimiser calls (below); a
-        # coarse one cannot be, so its upsampled image is clamped.  Clamping a per-pixel image
-        # instead would freeze every pixel that overshoots the range (zero gradient there).
+        # A per-pixel correction is projected back into [0, 1] after each Adam step, and an
+        # L-BFGS one only at the end (below); a coarse one cannot be, so its upsampled image is
+        # clamped.  Clamping a per-pixel image here would freeze every pixel that overshoots the
+        # range (zero gradient there).
         if smooth == 1:
             return base + correction
         return (base + F.interpolate(correction, size=(height, width), mode="bilinear", align_corners=False)).clamp(0, 1)
@@ -251,8 +252,13 @@ def _refine_one(base: torch.Tensor, encoders: list[TapEncoder], targets: list[to
                 break
             run += done
             current = min(losses[evaluated:])  # the line search keeps its lowest point
-        if smooth == 1:
-            with torch.no_grad():  # projected gradient: stay a valid image
+        if smooth == 1 and optimizer == "adam":
+            # Projected gradient: Adam's iterates stay a valid image. Not L-BFGS's: moving its
+            # point between calls breaks the curvature pairs it has stored. On trained vgg16/block1
+            # (4 validation images, 100 steps) projecting every 10 L-BFGS iterations reached
+            # 46.94 dB, clamping only the result 47.62, in 35 s instead of 58; Adam gains from
+            # the projection (43.15 vs 43.08 dB).
+            with torch.no_grad():
                 correction.copy_((base + correction).clamp_(0, 1) - base)
         history.append((run, current))
         if early_stop and _plateaued(history):
