@@ -52,8 +52,10 @@ PRESETS: dict[str, dict[str, object]] = {
     # each). Chosen on the validation split of *trained* VGG-16 block3 (ImageNet weights, local_mlp):
     # it beat the mean of 4 refinements from noisy starts (21.19 vs 21.07 dB, 10 steps on 4 images, at
     # a quarter of the cost), which had won on random-weight features (BENCHMARKS.md, "Trained encoders").
+    # 100 steps: 22.22 dB on those images, where 25 steps gave 21.44 and 250 fell back to 21.98
+    # (past ~100 it fits detail the features do not determine); ~26 s per image on a 2-core CPU.
     "deep_refine": {
-        "evaluate.refine": 25,
+        "evaluate.refine": 100,
         "evaluate.refine_optimizer": "lbfgs",
         "evaluate.refine_smooth": 2,
         "evaluate.refine_backproject": 1,
