@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AMP_DTYPE", "PRECISIONS", "amp_enabled", "autocast", "training_dtype", "float32", "setup", "channels_last", "pinned", "DeviceCopy",
-           "compiled"]
+__all__ = ["AMP_DTYPE", "amp_enabled", "autocast", "cpu_computes_bf16", "training_dtype", "autocast_to", "float32",
+           "setup", "channels_last", "pinned", "DeviceCopy", "compiled"]
 
 AMP_DTYPE = torch.bfloat16
-PRECISIONS = ("auto", "float32", "bfloat16")  # train.precision's choices
 
 
 def amp_enabled(device: torch.device | str) -> bool:
@@ -77,7 +76,10 @@ def training_dtype(device: torch.device | str, setting: str = "auto") -> tuple[t
 
 
 def autocast_to(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to ``dtype`` on ``device``'s type, as :func:`training_dtype` chose it; None: a context that does nothing."""
+    """Autocast to ``dtype`` on ``device``'s type, as :func:`training_dtype` chose it.
+
+    ``dtype`` None (float32): a context that does nothing.
+    """
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
