@@ -105,16 +105,17 @@ class LocalMLPDecoder(nn.Module):
         for layer in self.mlp:
             hidden = F.linear(hidden, layer.weight.flatten(1), layer.bias) if isinstance(layer, nn.Conv2d) \
                 else layer(hidden)
-        with torch.autocast(x.device.type, enabled=False):  # float32: see _linear_path
-            linear = F.linear(x.float(), self.linear.weight.flatten(1), self.linear.bias)
-        out = linear + hidden.float()
+        out = self._linear_path(x) + hidden.float()
         return clamp01_ste(F.pixel_shuffle(out[:, :, None, None], self.factor))
 
     def _linear_path(self, z: torch.Tensor) -> torch.Tensor:
+        """The ridge path on standardised maps (N, C, h, w), or on flattened windows (N, C·k·k)."""
         # float32 even under bf16 autocast: this path carries the bulk of the image (the ridge
         # solution alone is ~30 dB on block1), where bf16's 8-bit mantissa would cost more than
         # the MLP's correction gains; it is 1/40 of the MLP's arithmetic.
         with torch.autocast(z.device.type, enabled=False):
+            if z.dim() == 2:
+                return F.linear(z.float(), self.linear.weight.flatten(1), self.linear.bias)
             return self.linear(z.float())
 
     @torch.no_grad()

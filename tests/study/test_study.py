@@ -94,7 +94,6 @@ def test_taps_with_the_same_baseline_share_one_row():
     assert len(base) == 3
 
 
-
 def test_depth_figure_orders_taps_by_depth(tmp_path):
     out = depth_figure([{"tap": "vgg16/block3", "psnr_decoder": 18.0, "psnr_refined": 21.0, "thumbnail": 20.9},
                         {"tap": "vgg16/block1", "psnr_decoder": 30.0, "psnr_refined": None}], tmp_path / "f.png")
