@@ -55,6 +55,7 @@ class LocalMLPDecoder(nn.Module):
 
     fully_convolutional = True
     lr_multipliers = {"linear": 0.01}  # the ridge solution is already optimal for a linear map
+    weight_decay_exempt = ("linear",)  # train.weight_decay regularises the MLP, not the ridge fit
 
     def __init__(self, in_shape: tuple[int, int, int], out_size: int = 224, hidden: int = 512,
                  kernel: int = 3) -> None:

@@ -75,6 +75,7 @@ class ResidualShuffleDecoder(nn.Module):
     # After warm_start the linear path sits at its least-squares optimum; full-size Adam steps
     # (each weight moving ~lr per step) would shake it far more than the residual branch can fix.
     lr_multipliers = {"linear": 0.01, "rf_readout": 0.01}
+    weight_decay_exempt = ("linear", "rf_readout")  # closed-form fits: decay would only bias them
 
     def __init__(self, in_shape: tuple[int, int, int], out_size: int = 224, width: int | None = None,
                  blocks: int = 6, random_features: int = 2048) -> None:

@@ -153,7 +153,7 @@ def train_decoder(
     val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
                                  ram_cache_gb=tc.ram_cache_gb, device=device)
-    optimizer = torch.optim.Adam(_param_groups(model, tc.lr), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.Adam(_param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
     meta = {
@@ -356,14 +356,23 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def _param_groups(model: Reconstructor, lr: float) -> list[dict]:
-    """One group per learning-rate multiplier a decoder asks for (``lr_multipliers``), one for the rest."""
+def _param_groups(model: Reconstructor, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """Adam's parameter groups: one per learning-rate multiplier a decoder asks for
+    (``lr_multipliers``) and per weight-decay treatment.
+
+    ``weight_decay`` (L2, as Adam adds it to the gradient) applies to every parameter except
+    those under the prefixes the decoder lists in ``weight_decay_exempt``: a closed-form ridge
+    path sits at its least-squares optimum, and decaying it would pull it off that for nothing.
+    """
     multipliers: dict[str, float] = getattr(model.decoder, "lr_multipliers", {})
-    groups: dict[float, list] = {}
+    exempt: tuple[str, ...] = tuple(getattr(model.decoder, "weight_decay_exempt", ()))
+    groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         scale = next((m for prefix, m in multipliers.items() if name.startswith(f"decoder.{prefix}.")), 1.0)
-        groups.setdefault(scale, []).append(param)
-    return [{"params": params, "lr": lr * scale, "lr_scale": scale} for scale, params in groups.items()]
+        decay = 0.0 if any(name.startswith(f"decoder.{prefix}.") for prefix in exempt) else weight_decay
+        groups.setdefault((scale, decay), []).append(param)
+    return [{"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()]
 
 
 def _annotate(path: Path, extra: dict) -> None:

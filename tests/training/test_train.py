@@ -13,8 +13,9 @@ from featinv.store.feature_store import FeatureStore, store_path
 from featinv.data.image_store import ImageStore
 from featinv.errors import ParamsError
 from featinv.store.loader import FeatureBatches, FeatureCrop
-from featinv.training.model import load_checkpoint
-from featinv.training.train import train_decoder
+from featinv.decoders import build_decoder
+from featinv.training.model import Reconstructor, load_checkpoint
+from featinv.training.train import _param_groups, train_decoder
 
 
 class _Recorder:
@@ -252,3 +253,20 @@ def test_bfloat16_training_on_the_cpu_is_taken_only_where_the_cpu_computes_it(ti
         metrics = evaluate_run(result.best_checkpoint, tiny_images, tiny_features, cfg.evaluate,
                                tmp_path / "eval.json", tmp_path / "eval.csv", tmp_path / "grid.png")
         assert metrics["train"]["precision"] == "bfloat16"
+
+
+@pytest.mark.parametrize("decoder, exempt", [("local_mlp", ("linear",)), ("residual_shuffle", ("linear", "rf_readout"))])
+def test_weight_decay_shrinks_the_learned_layers_but_not_the_ridge_fit(decoder, exempt):
+    model = Reconstructor(build_decoder(decoder, (16, 28, 28), 56))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(_param_groups(model, lr=0.1, weight_decay=0.5), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no loss: any change is the decay's
+    optimizer.step()
+    for name, p in model.named_parameters():
+        ridge = any(name.startswith(f"decoder.{prefix}.") for prefix in exempt)
+        if ridge:
+            assert torch.equal(p, before[name]), f"{name} (a ridge fit) was decayed"
+        elif before[name].abs().sum() > 0:
+            assert p.abs().sum() < before[name].abs().sum(), f"{name} was not decayed"
+    assert any(name.startswith("decoder.linear.") for name in before)
