@@ -79,9 +79,11 @@ OTHER_TAPS_DECODERS = ["residual_shuffle", "local_mlp"]
 # steps the test set will get (--select-steps). The coarse L-BFGS candidates are for deep taps,
 # where a single per-pixel refinement adds detail the features do not determine (module docstring
 # of featinv.evaluation.refine): a 2× coarser correction; the same followed by one decoder
-# back-projection (the `deep_refine` preset, re-chosen on trained block3); and `mean4_bp`, the mean
-# of 4 such refinements from antithetic noisy starts, back-projected (4 refinements' cost, in
-# selection too) — `deep_refine` until 2026-11-27, chosen on random-weight features.
+# back-projection (`lbfgs_smooth2_bp`, the `deep_refine` preset until 2026-11-28); the same with a
+# total-variation prior (`deep_refine`, the preset since: on trained block3 it reached 23.51 dB on 4
+# validation images where tv 0 reached 22.80); and `mean4_bp`, the mean of 4 `lbfgs_smooth2_bp`
+# refinements from antithetic noisy starts (4 refinements' cost, in selection too) — `deep_refine`
+# until 2026-11-27, chosen on random-weight features.
 
 
 def _preset_settings(name: str) -> dict:
@@ -93,8 +95,10 @@ def _preset_settings(name: str) -> dict:
 REFINE_CANDIDATES = {"adam": {"lr": 0.01, "tv": 0.0}, "adam_tv": {"lr": 0.002, "tv": 0.002},
                      "lbfgs": _preset_settings("shallow_refine"),
                      "lbfgs_smooth2": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
-                     "lbfgs_smooth2_bp": _preset_settings("deep_refine"),
-                     "mean4_bp": {**_preset_settings("deep_refine"), "samples": 4, "noise": 0.05}}
+                     "lbfgs_smooth2_bp": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
+                     "deep_refine": _preset_settings("deep_refine"),
+                     "mean4_bp": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1,
+                                  "samples": 4, "noise": 0.05}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -54,11 +54,17 @@ PRESETS: dict[str, dict[str, object]] = {
     # a quarter of the cost), which had won on random-weight features (BENCHMARKS.md, "Trained encoders").
     # 100 steps: 22.22 dB on those images, where 25 steps gave 21.44 and 250 fell back to 21.98
     # (past ~100 it fits detail the features do not determine); ~26 s per image on a 2-core CPU.
+    # A total-variation prior (weighed against the feature loss, which is normalised by the target's
+    # energy) keeps that detail out: from the weight-decayed
+    # decoder (20.75 dB on those images), tv 0 reached 22.80, 0.15 23.10, 1.0 23.51, 2.5 23.33 in
+    # 100 steps. With the prior, more steps no longer fall back: tv 1.0 for 200 steps reached 23.82
+    # (~52 s per image on a 2-core CPU).
     "deep_refine": {
-        "evaluate.refine": 100,
+        "evaluate.refine": 200,
         "evaluate.refine_optimizer": "lbfgs",
         "evaluate.refine_smooth": 2,
         "evaluate.refine_backproject": 1,
+        "evaluate.refine_tv": 1.0,
     },
     # Refinement for shallow taps (every pixel pinned down by the features): per-pixel L-BFGS, 100
     # steps. Chosen on the validation split of trained VGG-16 block1 (bf16 local_mlp decoder,
