@@ -92,13 +92,14 @@ def _preset_settings(name: str) -> dict:
                                       for key, value in PRESETS[name].items() if key != "evaluate.refine"}}
 
 
+_COARSE_LBFGS = {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2}
+_COARSE_LBFGS_BP = {**_COARSE_LBFGS, "backproject": 1}
 REFINE_CANDIDATES = {"adam": {"lr": 0.01, "tv": 0.0}, "adam_tv": {"lr": 0.002, "tv": 0.002},
                      "lbfgs": _preset_settings("shallow_refine"),
-                     "lbfgs_smooth2": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2},
-                     "lbfgs_smooth2_bp": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1},
+                     "lbfgs_smooth2": _COARSE_LBFGS,
+                     "lbfgs_smooth2_bp": _COARSE_LBFGS_BP,
                      "deep_refine": _preset_settings("deep_refine"),
-                     "mean4_bp": {"lr": 0.01, "tv": 0.0, "optimizer": "lbfgs", "smooth": 2, "backproject": 1,
-                                  "samples": 4, "noise": 0.05}}
+                     "mean4_bp": {**_COARSE_LBFGS_BP, "samples": 4, "noise": 0.05}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -153,12 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # One features folder per weights id: trained and random stores of a tap live side by side.
         features = args.work / "features" / _slug(wid)
         extract_features(images, tap, store_path(features, tap), extract)
-        block1 = tap == "vgg16/block1"
-        minutes = args.minutes if block1 else args.other_minutes
-        recipe = RECIPES[decoder]
-        if recipe is not PUBLISHED:
-            recipe = dataclasses.replace(recipe, weight_decay=args.weight_decay if block1 else args.other_weight_decay)
-        rows += _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, args)
+        minutes = args.minutes if tap == "vgg16/block1" else args.other_minutes
+        rows += _bench(tap, decoder, wid, RECIPES[decoder], minutes, images, data, features, extract, args)
         _report(rows, args.out)
     return rows
 
@@ -196,6 +193,9 @@ def prepared_images(work: Path, data_root: Path, views: int = 8, max_images: int
 
 def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, args) -> list[dict]:
     run = args.work / "runs" / _slug(wid) / tap / decoder
+    block1 = tap == "vgg16/block1"
+    if recipe is not PUBLISHED:  # the published recipe trains as published, without decay
+        recipe = dataclasses.replace(recipe, weight_decay=args.weight_decay if block1 else args.other_weight_decay)
     crop = recipe.feature_crop if recipe.feature_crop and resolve_tap(tap).height > recipe.feature_crop else None
     cfg = Config(seed=SEED, data=data, taps=(tap,), extract=extract, encoder=tap, decoder=decoder,
                  train=dataclasses.replace(recipe, max_minutes=minutes, feature_crop=crop))
@@ -209,7 +209,6 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
             "epochs": result.epochs_run, "decoder_params": result.decoder_params,
             "train_precision": result.precision,  # rows without it trained in float32 (the CPU's only mode then)
             "train_weight_decay": recipe.weight_decay}  # rows without it trained without decay
-    block1 = tap == "vgg16/block1"
     select_steps = args.select_steps if block1 else args.other_select_steps
     candidates = [REFINE_CANDIDATES[name] for name in args.candidates]
     wanted_steps = args.refine_steps if block1 else args.other_refine_steps

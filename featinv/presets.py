@@ -55,10 +55,9 @@ PRESETS: dict[str, dict[str, object]] = {
     # 100 steps: 22.22 dB on those images, where 25 steps gave 21.44 and 250 fell back to 21.98
     # (past ~100 it fits detail the features do not determine); ~26 s per image on a 2-core CPU.
     # A total-variation prior (weighed against the feature loss, which is normalised by the target's
-    # energy) keeps that detail out: from the weight-decayed
-    # decoder (20.75 dB on those images), tv 0 reached 22.80, 0.15 23.10, 1.0 23.51, 2.5 23.33 in
-    # 100 steps. With the prior, more steps no longer fall back: tv 1.0 for 200 steps reached 23.82
-    # (~52 s per image on a 2-core CPU).
+    # energy) keeps that detail out: from the weight-decayed decoder (20.75 dB on those images), tv 0
+    # reached 22.80, 0.15 23.10, 1.0 23.51, 2.5 23.33 in 100 steps. With the prior, more steps no
+    # longer fall back: tv 1.0 for 200 steps reached 23.82 (~52 s per image on a 2-core CPU).
     "deep_refine": {
         "evaluate.refine": 200,
         "evaluate.refine_optimizer": "lbfgs",

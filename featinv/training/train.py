@@ -365,11 +365,12 @@ def _param_groups(model: Reconstructor, lr: float, weight_decay: float = 0.0) ->
     path sits at its least-squares optimum, and decaying it would pull it off that for nothing.
     """
     multipliers: dict[str, float] = getattr(model.decoder, "lr_multipliers", {})
-    exempt: tuple[str, ...] = tuple(getattr(model.decoder, "weight_decay_exempt", ()))
+    exempt: tuple[str, ...] = getattr(model.decoder, "weight_decay_exempt", ())
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
-        scale = next((m for prefix, m in multipliers.items() if name.startswith(f"decoder.{prefix}.")), 1.0)
-        decay = 0.0 if any(name.startswith(f"decoder.{prefix}.") for prefix in exempt) else weight_decay
+        under = [prefix for prefix in (*multipliers, *exempt) if name.startswith(f"decoder.{prefix}.")]
+        scale = next((multipliers[prefix] for prefix in under if prefix in multipliers), 1.0)
+        decay = 0.0 if any(prefix in exempt for prefix in under) else weight_decay
         groups.setdefault((scale, decay), []).append(param)
     return [{"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": decay}
             for (scale, decay), params in groups.items()]
