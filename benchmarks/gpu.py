@@ -123,6 +123,8 @@ class Plan:
     extract_taps: tuple[str, ...]
     extract_batches: tuple[int, ...]  # forward batch sizes timed in `extract`
     extract_rounds: int  # timed batches per setting
+    # the first extract tap's warm library extraction is also timed with these codecs (the default's row is there)
+    extract_codecs: tuple[str, ...]
     train_taps: tuple[str, ...]
     train_decoders: tuple[str, ...]
     warmup: int  # untimed steps per path
@@ -151,7 +153,7 @@ class Plan:
 
 GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH, extract_batch=256,
            extract_taps=("vgg16/block1", "vgg16/block3", "vit_small/block3"), extract_batches=(16, 64, 256),
-           extract_rounds=10, train_taps=("vgg16/block1", "vgg16/block3"),
+           extract_rounds=10, extract_codecs=("lz4", "none"), train_taps=("vgg16/block1", "vgg16/block3"),
            train_decoders=("transposed_conv", "local_mlp"), warmup=10, steps=100, block=10,
            loader_taps=("vgg16/block1", "vgg16/block3"), loader_threads=(1, 4), loader_min_batches=128,
            study_steps=200, study_cell_seconds=3.0, study_cells=None, limit_taps=None, limit_steps=60,
@@ -162,14 +164,16 @@ GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH
            budget_seconds=450)
 # The CPU's own figures (start-up, achieved vs limit): the same sections, sized for 2 cores.
 CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extract_batch=8, extract_batches=(4, 16),
-                          extract_rounds=2, warmup=2, steps=6, block=1, loader_taps=("vgg16/block1",),
+                          extract_rounds=2, extract_codecs=(), warmup=2, steps=6, block=1,
+                          loader_taps=("vgg16/block1",),
                           loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
                           limit_steps=8, compile_cases=(), pack_cases=(("vgg16/block1", "transposed_conv"),),
                           pack_workers=(1, 2), pack_precisions=("policy",), pack_warm_seconds=8.0, pack_seconds=10.0,
                           budget_seconds=1800)
 DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
                           extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
-                          train_taps=("vgg16/block1",), train_decoders=("transposed_conv",), warmup=1, steps=1, loader_min_batches=4, study_steps=1,
+                          extract_codecs=("none",), train_taps=("vgg16/block1",), train_decoders=("transposed_conv",),
+                          warmup=1, steps=1, loader_min_batches=4, study_steps=1,
                           study_cells=1, limit_taps=("vgg16/block1",), limit_steps=2, budget_seconds=240,
                           pack_warm_seconds=2.0, pack_seconds=1.0, startup_profile=False, fp16_error=False)
 PLANS = {p.name: p for p in (GPU, CPU, DRY)}
@@ -432,18 +436,33 @@ def extract_section(ctx: _Context) -> dict:
                 log.info("  forward %s %s batch %d", tap, prec, batch)
                 rate = _forward_rate(encoder, batch, _amp(ctx.device, prec), ctx.device, ctx.plan.extract_rounds)
                 rows.append({"tap": tap, "precision": prec, "batch": batch, "images_per_s": rate})
-        rows.append({"tap": tap, "precision": "library", "batch": ctx.stores.cfg.batch_size,
+        rows.append({"tap": tap, "precision": "library", "codec": ctx.stores.cfg.codec,
+                     "batch": ctx.stores.cfg.batch_size,
                      "images_per_s": library["extract_images_per_s"],
                      "extraction_overhead": library["extraction_overhead_without_build"]})
         # Once more in this process: the first extraction also paid CUDA's and cuDNN's first use.
         warm, _ = run.extraction_overhead(ctx.images, tap, store_path(ctx.work / "features-warm", tap),
                                           ctx.stores.cfg, ctx.device)
         ctx.stores.warm_reports[tap] = warm
-        rows.append({"tap": tap, "precision": "library (warm)", "batch": ctx.stores.cfg.batch_size,
+        rows.append({"tap": tap, "precision": "library (warm)", "codec": ctx.stores.cfg.codec,
+                     "batch": ctx.stores.cfg.batch_size,
                      "images_per_s": warm["extract_images_per_s"],
                      "extraction_overhead": warm["extraction_overhead_without_build"],
                      "images_per_s_without_build": warm["extract_samples"] / (warm["extract_seconds"]
                                                                               - warm["encoder_build_seconds"])})
+        # The store's codec is the lever on the write side (a vgg16/block1 map is 1.6 MB of float16).
+        for codec in ctx.plan.extract_codecs if tap == ctx.plan.extract_taps[0] else ():
+            if ctx.left() < 0:
+                break
+            cfg = dataclasses.replace(ctx.stores.cfg, codec=codec)
+            other, _ = run.extraction_overhead(ctx.images, tap, store_path(ctx.work / f"features-{codec}", tap),
+                                               cfg, ctx.device)
+            remove_tree(ctx.work / f"features-{codec}")
+            rows.append({"tap": tap, "precision": "library (warm)", "codec": codec, "batch": cfg.batch_size,
+                         "images_per_s": other["extract_images_per_s"],
+                         "extraction_overhead": other["extraction_overhead_without_build"],
+                         "images_per_s_without_build": other["extract_samples"] / (other["extract_seconds"]
+                                                                                   - other["encoder_build_seconds"])})
         dtypes = {"bf16": torch.bfloat16} | ({"fp16": torch.float16} if ctx.plan.fp16_error else {})
         errors[tap] = {name: _relative_error(encoder, dtype, ctx.device) for name, dtype in dtypes.items()}
     best = {}
@@ -453,7 +472,7 @@ def extract_section(ctx: _Context) -> dict:
         if len(timed) == 2:
             best[tap] = timed["bf16"] / timed["fp32"]
     print(f"\n## Extraction ({ctx.device.type}): encoder forward images/s; `library` = extract_features\n")
-    print(table(rows, ["tap", "precision", "batch", "images_per_s", "images_per_s_without_build",
+    print(table(rows, ["tap", "precision", "codec", "batch", "images_per_s", "images_per_s_without_build",
                        "extraction_overhead"],
                 {"images_per_s": ".1f", "images_per_s_without_build": ".1f", "extraction_overhead": ".2f"}),
           flush=True)
@@ -512,14 +531,19 @@ def loader_section(ctx: _Context) -> dict:
         pixels = ImageStore(ctx.images).pixels("train")
         consumed = next((r["cache_bf16_samples_per_s"] for r in train_rows
                          if r["tap"] == tap and r["decoder"] == run.DECODER), None)
-        modes = {"ram": (math.inf, 1), **{f"stream_{k}_threads": (0.0, k) for k in ctx.plan.loader_threads}}
+        # ram: gathered on the host, copied over; device: the split held on the GPU (train.device_cache_gb)
+        modes = {"ram": (math.inf, 1, 0.0), **{f"stream_{k}_threads": (0.0, k, 0.0) for k in ctx.plan.loader_threads}}
+        if ctx.device.type == "cuda":
+            modes = {"device": (math.inf, 1, math.inf), **modes}
         row = {"tap": tap, "train_samples_per_s": consumed,
-               "div2k_mode": "ram" if _div2k_bytes([tap]) <= ctx.params.train.ram_cache_gb * 2**30 else "stream"}
-        for mode, (ram_gb, threads) in modes.items():
+               "div2k_mode": ("device" if _device_cache_gb(ctx.params, ctx.device, [tap]) else "ram")
+               if _div2k_bytes([tap]) <= ctx.params.train.ram_cache_gb * 2**30 else "stream"}
+        for mode, (ram_gb, threads, held_gb) in modes.items():
             if ctx.left() < 0:
                 break
             batches = FeatureBatches([store.split("train")], pixels, ctx.plan.batch, shuffle=True, seed=run.SEED,
-                                     ram_cache_gb=ram_gb, device=ctx.device, read_threads=threads)
+                                     ram_cache_gb=ram_gb, device=ctx.device, read_threads=threads,
+                                     device_cache_gb=held_gb)
             row[f"{mode}_samples_per_s"] = run._delivery_rate(batches, ctx.plan.loader_min_batches)
             run._sync(ctx.device)
             if consumed:
@@ -553,6 +577,7 @@ def pack_section(ctx: _Context) -> dict:
         for prec in plan.pack_precisions:
             for workers in plan.pack_workers:
                 windows.append({"taps": [tap], "decoder": decoder, "fusion": None, "precision": prec,
+                                "held_on_device": bool(_device_cache_gb(ctx.params, ctx.device, [tap])),
                                 "workers": workers, "warm_at": at, "measure_at": at + plan.pack_warm_seconds,
                                 "end_at": at + plan.pack_warm_seconds + plan.pack_seconds})
                 at = windows[-1]["end_at"] + 0.5  # a gap: one window's stragglers stay out of the next
@@ -659,6 +684,7 @@ def study_section(ctx: _Context) -> dict:
         log.info("  cell %s + %s", cell.label, cell.decoder)
         stores = [ctx.stores.get(t) for t in taps]
         in_ram = _div2k_bytes(taps) <= params.train.ram_cache_gb * 2**30
+        held = _device_cache_gb(params, device, taps) if in_ram else 0.0
         for tap, store in zip(taps, stores):
             if tap not in encoder_per_sample:  # the encoder in the loop would cost this per sample
                 encoder_per_sample[tap] = 1 / _forward_rate(ctx.stores.encoder(tap), plan.batch,
@@ -668,19 +694,21 @@ def study_section(ctx: _Context) -> dict:
                 FeatureBatches([store.split("train")], pixels, plan.batch, ram_cache_gb=math.inf)
                 ram_load_per_sample[tap] = (time.perf_counter() - t0) / bench_train
         batches = FeatureBatches([s.split("train") for s in stores], pixels, plan.batch, shuffle=True, seed=run.SEED,
-                                 ram_cache_gb=math.inf if in_ram else 0.0, drop_last=True, device=device)
+                                 ram_cache_gb=math.inf if in_ram else 0.0, drop_last=True, device=device,
+                                 device_cache_gb=held)
         trainer = _cache_trainer(ctx, stores, cell.decoder, cell.fusion, lambda: precision.autocast(device),
                                  batches=batches)
         try:
             timed = _timed({"cell": trainer.step}, plan.warmup, plan.study_steps, plan.block, device,
                            cap_seconds=plan.study_cell_seconds)["cell"]
             val = FeatureBatches([s.split("val") for s in stores], val_pixels, max(plan.batch, 8),
-                                 ram_cache_gb=math.inf, device=device)
+                                 ram_cache_gb=math.inf, device=device, device_cache_gb=held)
             eval_rate = run._eval_rate(trainer.model, val, 2, device)
         finally:
             trainer.close()
         out["cells"].append({"run": f"{cell.label} + {cell.decoder}", "encoder": cell.encoder, "fusion": cell.fusion,
-                             "decoder": cell.decoder, "loader": "ram" if in_ram else "stream",
+                             "decoder": cell.decoder,
+                             "loader": ("device" if held else "ram") if in_ram else "stream",
                              "steps_timed": timed["steps"], "train_samples_per_s": timed["samples_per_s"],
                              "eval_samples_per_s": eval_rate})
         ctx.save()
@@ -819,9 +847,17 @@ def _cache_trainer(ctx: _Context, stores: list[FeatureStore], decoder: str, fusi
     if batches is None:
         batches = FeatureBatches([s.split("train") for s in stores], ImageStore(ctx.images).pixels("train"),
                                  ctx.plan.batch, shuffle=True, seed=run.SEED, ram_cache_gb=math.inf, drop_last=True,
-                                 device=ctx.device)
+                                 device=ctx.device,
+                                 device_cache_gb=_device_cache_gb(ctx.params, ctx.device,
+                                                                  [s.spec.name for s in stores]))
     inputs_of = inputs_of or (lambda feats, pixels01: decoder_inputs(feats, ctx.device))
     return _Trainer([s.spec for s in stores], decoder, fusion, batches, inputs_of, context, ctx.device, **kwargs)
+
+
+def _device_cache_gb(params: Config, device: torch.device, taps: list[str]) -> float:
+    """``device_cache_gb`` for a loader of ``taps``: what featinv's training would do with them at DIV2K scale."""
+    held = device.type == "cuda" and _div2k_bytes(taps) <= params.train.device_cache_gb * 2**30
+    return math.inf if held else 0.0
 
 
 def _naive_trainer(ctx: _Context, store: FeatureStore, encoder: TapEncoder, decoder: str,

@@ -85,7 +85,8 @@ def _cell(config: dict, window: dict, pixels, slot: int, device: torch.device) -
     """A fresh study cell of ``window``: seeded model, Adam, RAM-cached loader, featinv's precision policy."""
     stores = [FeatureStore(store_path(Path(config["features"]), t)) for t in window["taps"]]
     batches = FeatureBatches([s.split("train") for s in stores], pixels, config["batch"], shuffle=True,
-                             seed=run.SEED + slot, ram_cache_gb=math.inf, drop_last=True, device=device)
+                             seed=run.SEED + slot, ram_cache_gb=math.inf, drop_last=True, device=device,
+                             device_cache_gb=math.inf if window.get("held_on_device") else 0.0)
     context = (lambda: precision.autocast(device)) if window["precision"] == "policy" else _amp(device, "fp32")
     return _Trainer([s.spec for s in stores], window["decoder"], window["fusion"], batches,
                     lambda feats, pixels01: decoder_inputs(feats, device), context, device)

@@ -531,6 +531,8 @@ def _delivery_rate(batches: FeatureBatches, min_batches: int) -> float:
         for _, pixels01 in batches:
             seen += pixels01.shape[0]
             delivered += 1
+    if pixels01.is_cuda:  # the last batches' gathers and copies are queued, not done
+        torch.cuda.synchronize(pixels01.device)
     return seen / (time.perf_counter() - start)
 
 

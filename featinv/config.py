@@ -193,6 +193,8 @@ class TrainConfig(_Section):
     seed: int = bounded(42, 0)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     ram_cache_gb: float = bounded(8.0, 0.0)  # load a split's features into RAM when it fits (the DIV2K ensemble: 6.1 GiB)
+    # CUDA: hold a RAM-cached split on the GPU too when it fits this and half the free memory (batches gathered there)
+    device_cache_gb: float = bounded(16.0, 0.0)
     samples_per_epoch: int | None = bounded(None, 1)  # per epoch: a seeded subset, or several passes (None = one pass)
     feature_crop: int | None = bounded(None, 1)  # train on random h×w feature crops (fully convolutional decoders)
     # auto: bf16 autocast on CUDA, float32 elsewhere | float32 | bfloat16 (also on a CPU with native bf16)

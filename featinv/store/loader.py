@@ -5,10 +5,13 @@ they fit ``ram_cache_gb`` (reading is then free); otherwise each batch is read
 with one orthogonal selection per store on a background thread, so chunk
 decompression overlaps the training step.
 
-For a CUDA ``device`` a batch leaves the loader on the device: it is read on the
-background thread (RAM-cached splits too), kept as float16 features and uint8 pixels
-in page-locked memory, copied on a side stream with ``non_blocking`` and converted to
-float32 on the GPU (:mod:`featinv.precision`).  On the CPU nothing of that happens.
+For a CUDA ``device`` a batch leaves the loader on the device.  A RAM-cached split that
+also fits ``device_cache_gb`` (and half the device's free memory) is held on the device
+itself, float16 features and uint8 pixels, and each batch is gathered there: no host
+copy, no loader thread.  Otherwise a batch is read on the background thread (RAM-cached
+splits too), kept as float16 features and uint8 pixels in page-locked memory, copied on
+a side stream with ``non_blocking`` and converted to float32 on the GPU
+(:mod:`featinv.precision`).  On the CPU nothing of that happens unless asked for.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class FeatureBatches:
             (see the module docstring), anything else CPU tensors as before.
         read_threads: background threads reading batches (in order); more than one lets
             several batches decompress at once when streaming feeds a fast GPU.
+        device_cache_gb: hold a RAM-cached split on ``device`` (features and pixels) when its
+            features are at most this size and, on CUDA, half the device's free memory; its
+            batches are then gathered on the device.  The batches are the same, only where
+            they are made differs (0 = never).
 
     Yields:
         ``feats``: a list of float32 tensors (B, C, h, w), one per encoder;
@@ -86,6 +93,7 @@ class FeatureBatches:
         crop: FeatureCrop | None = None,
         device: torch.device | str | None = None,
         read_threads: int = 1,
+        device_cache_gb: float = 0.0,
     ) -> None:
         n = int(pixel_array.shape[0])
         for arr in feature_arrays:
@@ -113,6 +121,12 @@ class FeatureBatches:
                             "set train.ram_cache_gb ≥ %.1f to keep the split in RAM", feature_bytes / 2**30 + 0.1)
             self.features = list(feature_arrays)
         self.pixels = np.asarray(pixel_array[: self.n])  # uint8: small next to the features
+        # The split on the device itself (None: gathered on the host): a batch is then an index_select there.
+        self.resident: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        if self.in_ram and _fits_on(self.device, feature_bytes + self.pixels.nbytes, device_cache_gb):
+            self.resident = ([torch.from_numpy(f).to(self.device) for f in self.features],
+                             torch.from_numpy(self.pixels).to(self.device))
+            log.info("features (%.2f GB) held on %s", feature_bytes / 2**30, self.device)
 
     def __len__(self) -> int:
         full, rest = divmod(self.per_epoch, self.batch_size)
@@ -124,6 +138,7 @@ class FeatureBatches:
         view.crop, view.shuffle, view.per_epoch, view.drop_last = None, False, self.n, False
         view.batch_size = batch_size
         view.device = torch.device("cpu")  # closed-form warm starts run on the CPU
+        view.resident = None  # ... from the host copy
         return view
 
     def _order(self) -> np.ndarray:
@@ -136,6 +151,13 @@ class FeatureBatches:
     def _read(self, index: np.ndarray, windows: np.ndarray | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         order = np.argsort(index, kind="stable")  # sorted reads touch chunks in order
         index = index[order]
+        windows = None if windows is None else windows[order]
+        if self.resident is not None:  # gathered on the device: the same samples, in the same order
+            features, pixels = self.resident
+            if windows is not None:
+                return _float_batch(*self._cut(features, index, index, windows, pixels))
+            at = _indices_on(self.device, index)
+            return _float_batch([f.index_select(0, at) for f in features], pixels.index_select(0, at))
         selected = False  # whether ``arrays`` already hold exactly this batch, in order
         if self.in_ram:
             arrays, rows = self.features, index
@@ -147,7 +169,7 @@ class FeatureBatches:
             feats = arrays if selected else [a[rows] for a in arrays]
             pixels = self.pixels[index]
         else:
-            feats, pixels = self._cut(arrays, rows, index, windows[order])
+            feats, pixels = self._cut(arrays, rows, index, windows, self.pixels)
         if self.device.type == "cuda":  # float16/uint8 to the device; float32 is made there (_arrive)
             return self._copy.send([precision.pinned(f) for f in feats] + [precision.pinned(pixels)])
         return _float_batch([torch.from_numpy(f) for f in feats], torch.from_numpy(pixels))
@@ -157,11 +179,12 @@ class FeatureBatches:
         *feats, pixels = self._copy.receive(*sent)
         return _float_batch(feats, pixels)
 
-    def _cut(self, arrays, rows: np.ndarray, index: np.ndarray, windows: np.ndarray):
+    def _cut(self, arrays, rows: np.ndarray, index: np.ndarray, windows: np.ndarray, pixel_array):
         """Each sample's window of features (with context margin) and the pixels under its centre.
 
         One fancy-indexing gather per array (no per-sample Python loop), so batches of
-        thousands of tiny windows cost little.
+        thousands of tiny windows cost little.  ``arrays`` and ``pixel_array`` are NumPy
+        arrays, or tensors on the device (the split held there): the same gathers either way.
         """
         size, scale, margin = self.crop.size, self.crop.scale, self.crop.margin
         side = size + 2 * margin
@@ -170,12 +193,17 @@ class FeatureBatches:
         feat_y = np.clip(windows[:, 0, None] + np.arange(side), 0, height - 1)[:, :, None]  # (B, side, 1)
         feat_x = np.clip(windows[:, 1, None] + np.arange(side), 0, width - 1)[:, None, :]  # (B, 1, side)
         # Advanced indices around a slice put their dims first: (B, side, side, C) → (B, C, side, side).
-        feats = [np.ascontiguousarray(a[rows[:, None, None], :, feat_y, feat_x].transpose(0, 3, 1, 2))
-                 for a in arrays]
         pix = np.arange(size * scale)
         pix_y = ((windows[:, 0] + margin) * scale)[:, None, None] + pix[None, :, None]
         pix_x = ((windows[:, 1] + margin) * scale)[:, None, None] + pix[None, None, :]
-        pixels = self.pixels[index[:, None, None], pix_y, pix_x]  # (B, size·scale, size·scale, 3)
+        if isinstance(pixel_array, torch.Tensor):
+            rows, feat_y, feat_x, index, pix_y, pix_x = (_indices_on(pixel_array.device, i)
+                                                        for i in (rows, feat_y, feat_x, index, pix_y, pix_x))
+            feats = [a[rows[:, None, None], :, feat_y, feat_x].permute(0, 3, 1, 2).contiguous() for a in arrays]
+        else:
+            feats = [np.ascontiguousarray(a[rows[:, None, None], :, feat_y, feat_x].transpose(0, 3, 1, 2))
+                     for a in arrays]
+        pixels = pixel_array[index[:, None, None], pix_y, pix_x]  # (B, size·scale, size·scale, 3)
         return feats, pixels
 
     def _windows(self, count: int) -> np.ndarray | None:
@@ -200,6 +228,10 @@ class FeatureBatches:
                    for i in starts]
         if self.drop_last and len(batches[-1][0]) < self.batch_size:
             batches.pop()
+        if self.resident is not None:  # gathered where the step runs: nothing to overlap
+            for index, corners in batches:
+                yield self._read(index, corners)
+            return
         if self.device.type == "cuda":  # every batch through the background thread(s), then onto the GPU
             if self._copy is None:
                 self._copy = precision.DeviceCopy(self.device)
@@ -216,6 +248,34 @@ class FeatureBatches:
             return
         # Streaming reads, or window gathers: on a background thread, overlapping the step.
         yield from _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+
+
+def _indices_on(device: torch.device, indices: np.ndarray) -> torch.Tensor:
+    """``indices`` on ``device``, without stalling the host.
+
+    A copy from ordinary (pageable) memory to CUDA waits for the GPU to finish its queued work,
+    so every batch would wait for the previous step; from page-locked memory it is queued
+    like the rest (PyTorch keeps the page-locked block until the copy is done).
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(indices))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _fits_on(device: torch.device, nbytes: int, budget_gb: float) -> bool:
+    """Whether ``nbytes`` may be held on ``device``: within ``budget_gb`` and, on CUDA, half its free memory.
+
+    Half, because the step's activations need room too, and so do other study cells sharing the GPU.
+    """
+    if nbytes > budget_gb * 2**30:
+        return False
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes > free / 2:
+            log.info("features (%.2f GB) exceed half of %s's free memory: gathered on the host", nbytes / 2**30, device)
+            return False
+    return True
 
 
 def _float_batch(feats: list[torch.Tensor], pixels_nhwc: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

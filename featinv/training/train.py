@@ -146,13 +146,16 @@ def train_decoder(
     log.info("training %s on %s (%d parameters) on %s in %s", cfg.decoder, cfg.encoder, n_params, device,
              _dtype_name(amp_dtype))
 
+    # On the CPU the RAM cache already is where the step runs; its host gathers stay as measured there.
+    device_cache_gb = tc.device_cache_gb if device.type == "cuda" else 0.0
     train_batches = FeatureBatches([s.split("train") for s in stores], images.pixels("train"),
                                    tc.batch_size, shuffle=True, seed=tc.seed, ram_cache_gb=tc.ram_cache_gb,
-                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True, crop=crop, device=device)
+                                   samples_per_epoch=tc.samples_per_epoch, drop_last=True, crop=crop, device=device,
+                                   device_cache_gb=device_cache_gb)
     # Validation reads whole maps: a crop recipe's batch of thousands of windows is no guide.
     val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
-                                 ram_cache_gb=tc.ram_cache_gb, device=device)
+                                 ram_cache_gb=tc.ram_cache_gb, device=device, device_cache_gb=device_cache_gb)
     optimizer = torch.optim.Adam(_param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 

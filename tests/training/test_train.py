@@ -73,6 +73,27 @@ def test_streaming_loader_matches_ram_loader(tiny_images, tiny_features):
         assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
 
 
+@pytest.mark.parametrize("crop", [None, FeatureCrop(8, 2, 1)], ids=["whole maps", "windows"])
+def test_split_held_on_the_device_gives_the_same_batches(tiny_images, tiny_features, crop):
+    # CUDA holds a split that fits device_cache_gb on the GPU and gathers batches there; the gathers
+    # are the same torch code on any device, so the CPU checks them against the host path.
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    kwargs = dict(shuffle=True, seed=3, samples_per_epoch=30, crop=crop, device="cpu")
+    host = FeatureBatches([arr], images.pixels("train"), 5, **kwargs)
+    held = FeatureBatches([arr], images.pixels("train"), 5, device_cache_gb=1.0, **kwargs)
+    assert host.resident is None and held.resident is not None
+    for _ in range(2):  # two epochs: each reshuffles (and re-draws windows) the same way
+        pairs = list(zip(host, held, strict=True))
+        assert len(pairs) == 6
+        for (fa, pa), (fb, pb) in pairs:
+            assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+            assert fb[0].dtype == torch.float32 and fb[0].is_contiguous(memory_format=torch.channels_last)
+    # too big for the budget: gathered on the host; whole_maps (closed-form fits on the CPU) always is
+    assert FeatureBatches([arr], images.pixels("train"), 5, device_cache_gb=1e-6).resident is None
+    assert held.whole_maps().resident is None
+
+
 def _locate(window, full_map):
     """(top, left) where ``window`` (C, k, k) sits in ``full_map`` (C, h, w), or None."""
     k = window.shape[-1]
