@@ -25,7 +25,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ class ExtractReport:
     reused: bool
     device: str
     seconds: float
-    forward_seconds: float  # time inside the encoder alone (for the overhead benchmark)
+    forward_seconds: float  # time inside the encoder alone (for the overhead benchmark; on CUDA: queuing it)
 
 
 def store_path(features_dir: str | Path, tap: str) -> Path:
@@ -239,14 +240,14 @@ def extract_features(
     writer = _Writer(group, progress_done)
     try:
         for split in splits:
-            pixels = image_store.pixels(split)
             # Every chunk is written, none first compared with the fill value: features are never one
             # whole all-zero map, and that float16 comparison slowed the writes 1.6× (zstd) to 4.2×
             # (uncompressed) on a 2-core box (benchmarks/store_write.py).
             array = group[split].with_config({"write_empty_chunks": True})
-            for begin in range(progress_done[split], counts[split], cfg.batch_size):
-                end = min(begin + cfg.batch_size, counts[split])
-                batch = torch.from_numpy(pixels[begin:end]).to(device).permute(0, 3, 1, 2)
+            ranges = [(b, min(b + cfg.batch_size, counts[split]))
+                      for b in range(progress_done[split], counts[split], cfg.batch_size)]
+            for (begin, end), pixels in zip(ranges, _read_ahead(image_store.pixels(split), ranges, device)):
+                batch = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
                 t0 = time.perf_counter()
                 feats = _forward(encoder, batch, device)
                 forward_seconds += time.perf_counter() - t0
@@ -298,7 +299,7 @@ def extract_features(
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _forward(encoder: torch.nn.Module, batch_uint8: torch.Tensor, device: torch.device) -> np.ndarray:
+def _forward(encoder: torch.nn.Module, batch_uint8: torch.Tensor, device: torch.device) -> _HostFeatures:
     with torch.inference_mode():
         pixels01 = precision.channels_last(batch_uint8.float().div_(255.0), device)
         # float16 autocast here, not training's bfloat16: the features are stored as float16
@@ -306,10 +307,59 @@ def _forward(encoder: torch.nn.Module, batch_uint8: torch.Tensor, device: torch.
         # (0.3-0.5 % vs 0.04-0.07 % relative on vgg16/block1, `python -m benchmarks.gpu`).
         with precision.autocast(device, dtype=torch.float16):
             feats = encoder(pixels01)
-        stored = feats.half()  # float16 storage: anything beyond ±65504 becomes inf
-        if not torch.isfinite(stored).all():
-            raise FeatinvError(f"tap {encoder.spec.name}: activations overflow float16 storage")
-        return stored.contiguous().cpu().numpy()
+        stored = feats.half().contiguous()  # float16 storage: anything beyond ±65504 becomes inf
+        return _HostFeatures.of(stored, torch.isfinite(stored).all(), encoder.spec.name)
+
+
+@dataclasses.dataclass
+class _HostFeatures:
+    """One batch's float16 features on their way to the host, looked at only when they are written.
+
+    On CUDA the copy goes to page-locked memory without the host waiting for it, so the GPU
+    computes the next batch while this one is copied and written (a plain ``.cpu()`` waited
+    for every batch, at pageable-copy speed). The overflow check travels with the batch.
+    """
+
+    feats: torch.Tensor
+    finite: torch.Tensor  # 0-d bool
+    done: torch.cuda.Event | None
+    tap: str
+
+    @classmethod
+    def of(cls, stored: torch.Tensor, finite: torch.Tensor, tap: str) -> _HostFeatures:
+        if stored.device.type != "cuda":
+            return cls(stored.cpu(), finite.cpu(), None, tap)
+        host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True).copy_(stored, non_blocking=True)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True).copy_(finite, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, flag, done, tap)
+
+    def numpy(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        if not bool(self.finite):
+            raise FeatinvError(f"tap {self.tap}: activations overflow float16 storage")
+        return self.feats.numpy()
+
+
+def _read_ahead(pixels, ranges: list[tuple[int, int]], device: torch.device) -> Iterator[torch.Tensor]:
+    """``pixels[begin:end]`` of each range as a tensor, in order, each read while the one before is used.
+
+    For CUDA in page-locked memory, so the copy to the device does not wait for the GPU.
+    """
+    def read(bounds: tuple[int, int]) -> torch.Tensor:
+        array = np.asarray(pixels[bounds[0] : bounds[1]])
+        return precision.pinned(array) if device.type == "cuda" else torch.from_numpy(array)
+
+    if not ranges:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-pixels") as pool:
+        pending = pool.submit(read, ranges[0])
+        for bounds in ranges[1:]:
+            current, pending = pending.result(), pool.submit(read, bounds)
+            yield current
+        yield pending.result()
 
 
 class _Writer:
@@ -327,7 +377,7 @@ class _Writer:
         self.thread = threading.Thread(target=self._run, name="featinv-zarr-writer", daemon=True)
         self.thread.start()
 
-    def put(self, split: str, array, begin: int, end: int, feats: np.ndarray) -> None:
+    def put(self, split: str, array, begin: int, end: int, feats: _HostFeatures) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put((split, array, begin, end, feats))
@@ -341,7 +391,7 @@ class _Writer:
                 continue
             split, array, begin, end, feats = item
             try:
-                array[begin:end] = feats
+                array[begin:end] = feats.numpy()
                 self.written[split] = end
                 self.group.attrs.update({"written": dict(self.written)})
             except BaseException as exc:  # surfaced on the main thread

@@ -5,7 +5,7 @@ import pytest
 
 import featinv.store.feature_store as fs
 from featinv.config import ExtractConfig
-from featinv.errors import StoreIncompleteError, StoreMismatchError
+from featinv.errors import FeatinvError, StoreIncompleteError, StoreMismatchError
 from featinv.store.feature_store import FeatureStore, expected_fingerprint, extract_features, store_path
 from featinv.data.image_store import ImageStore
 from featinv.encoders.taps import resolve_tap
@@ -37,6 +37,21 @@ def test_matching_store_is_reused_without_running_the_encoder(tiny_images, tiny_
     monkeypatch.setattr(fs, "build_encoder", lambda *a, **k: pytest.fail("encoder built"))
     report = extract_features(tiny_images, "vgg16/block1", store_path(tiny_features, "vgg16/block1"), TINY_EXTRACT)
     assert report.reused and report.computed == 0
+
+
+def test_activations_beyond_float16_fail_extraction_and_leave_no_store(tiny_images, tmp_path, monkeypatch):
+    real_build = fs.build_encoder
+
+    def loud_encoder(*args, **kwargs):  # the tap's real encoder, its activations scaled past ±65504
+        encoder = real_build(*args, **kwargs)
+        encoder.register_forward_hook(lambda module, inputs, output: output * 1e9)
+        return encoder
+
+    monkeypatch.setattr(fs, "build_encoder", loud_encoder)
+    out = tmp_path / "loud.zarr"
+    with pytest.raises(FeatinvError, match="tap vgg16/block1: activations overflow float16 storage"):
+        extract_features(tiny_images, "vgg16/block1", out, ExtractConfig(device="cpu", batch_size=4))
+    assert not out.exists()  # the partial store is never committed
 
 
 def test_killed_extraction_resumes_to_an_identical_store(tiny_images, tmp_path, monkeypatch):
