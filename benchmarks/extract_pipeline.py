@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"(best of {args.repeats})\n")
     print(table(result, ["codec", "pipeline", "images_per_s", "over_serial"],
                 {"images_per_s": ".1f", "over_serial": ".2f"}), flush=True)
-    write_json(args.out, {"command": " ".join(["python -m benchmarks.extract_pipeline", *(argv or [])]),
+    given = sys.argv[1:] if argv is None else argv
+    write_json(args.out, {"command": " ".join(["python -m benchmarks.extract_pipeline", *given]),
                           "machine": machine(), "device": str(device),
                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                           "tap": args.tap, "images": count, "batch": args.batch, "rows": result})
