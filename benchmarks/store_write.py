@@ -7,9 +7,11 @@ which for float16 is a slow element-wise comparison; features are never one whol
 map, so featinv skips it. This times exactly that write: ``array[:] = x`` of ``--samples``
 one-sample chunks of post-ReLU Gaussian float16 features (vgg16/block1-shaped by default),
 best of ``--repeats``, per codec as ``extract.codec`` names them, all ways interleaved. Beside
-it, the same unchecked write split over ``--threads`` writer threads, and the codec alone
-(numcodecs' Blosc, as the store configures it) on one thread and on ``--threads``: whether
-Zarr's write path, rather than the codec, keeps the chunks to one core.
+it, the same unchecked write split over ``--threads`` writer threads, and over as many writer
+processes (each holds its share of the features already, as a writer fed through shared
+memory would: what processes cost to feed is not in it), and the codec alone (numcodecs'
+Blosc, as the store configures it) on one thread and on ``--threads``: whether Zarr's write
+path, rather than the codec, keeps the chunks to one core, and whether processes get round it.
 
     python -m benchmarks.store_write                      # (64, 112, 112) float16, 64 samples
     python -m benchmarks.store_write --shape 256 56 56
@@ -21,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +47,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="threads for the threaded writes and encodes (default: the CPU count)")
     p.add_argument("--out", type=Path, default=RESULTS / "store_write.json")
     args = p.parse_args(argv)
-    rng = np.random.default_rng(0)
-    feats = np.maximum(rng.standard_normal((args.samples, *args.shape), dtype=np.float32), 0).astype(np.float16)
+    feats = _features(args.samples, args.shape)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.threads) as pool:
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.threads) as pool, \
+            ProcessPoolExecutor(args.threads, initializer=_hold_features,
+                                initargs=(args.samples, tuple(args.shape))) as processes:
         for codec in args.codecs:
             arrays = {}
             for check in (True, False):  # check = Zarr's default: compare each chunk with the fill value
@@ -62,10 +66,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             def write_part(rows_: np.ndarray, array=unchecked) -> None:
                 array[rows_[0]:rows_[-1] + 1] = feats[rows_[0]:rows_[-1] + 1]
 
+            path = str(Path(tmp) / f"{codec}-False")
+            list(processes.map(_process_write, [path] * len(parts), [(p[0], p[-1] + 1) for p in parts]))  # warm
+
             # Each way of writing all the chunks once; interleaved so load hits them alike.
             ways = {"checked": lambda: arrays[True].__setitem__(slice(None), feats),
                     "unchecked": lambda: unchecked.__setitem__(slice(None), feats),
-                    "unchecked_threads": lambda: list(pool.map(write_part, parts))}
+                    "unchecked_threads": lambda: list(pool.map(write_part, parts)),
+                    "unchecked_processes": lambda: list(processes.map(
+                        _process_write, [path] * len(parts), [(p[0], p[-1] + 1) for p in parts]))}
             if codec != "none":  # the codec alone, outside Zarr: what parallel encoding could reach
                 blosc = Blosc(cname=codec, clevel=1, shuffle=Blosc.SHUFFLE, typesize=2)
                 ways["codec_alone"] = lambda: [blosc.encode(f) for f in feats]
@@ -81,15 +90,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "speedup": best["unchecked"] / best["checked"],
                          "mb_per_s_unchecked": best["unchecked"] * feats[0].nbytes / 1e6})
     columns = ["codec", *(f"chunks_per_s_{name}" for name in ("checked", "unchecked", "unchecked_threads",
-                                                               "codec_alone", "codec_alone_threads")),
+                                                               "unchecked_processes", "codec_alone",
+                                                               "codec_alone_threads")),
                "speedup", "mb_per_s_unchecked"]
     print(f"{args.threads} threads where a column says so")
     print(table(rows, columns, {c: ".2f" if c == "speedup" else ".0f" for c in columns[1:]}))
-    write_json(args.out, {"command": " ".join(["python -m benchmarks.store_write", *(argv or [])]),
+    write_json(args.out, {"command": " ".join(["python -m benchmarks.store_write",
+                                               *(sys.argv[1:] if argv is None else argv)]),
                           "machine": machine(), "shape": list(args.shape), "samples": args.samples,
                           "threads": args.threads,
                           "zarr": zarr.__version__, "rows": rows})
     return rows
+
+
+def _features(samples: int, shape) -> np.ndarray:
+    """Post-ReLU Gaussian float16 maps, the same for every caller."""
+    rng = np.random.default_rng(0)
+    return np.maximum(rng.standard_normal((samples, *shape), dtype=np.float32), 0).astype(np.float16)
+
+
+_HELD: dict[str, np.ndarray] = {}
+
+
+def _hold_features(samples: int, shape: tuple[int, ...]) -> None:
+    _HELD["feats"] = _features(samples, shape)
+
+
+def _process_write(path: str, bounds: tuple[int, int]) -> None:
+    """In a writer process: its rows of the held features into the (existing) array at ``path``."""
+    array = zarr.open_array(store=path, mode="r+").with_config({"write_empty_chunks": True})
+    array[bounds[0]:bounds[1]] = _HELD["feats"][bounds[0]:bounds[1]]
 
 
 if __name__ == "__main__":
