@@ -19,6 +19,7 @@ progress (fixed batch boundaries, so the result is identical).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
@@ -246,16 +247,18 @@ def extract_features(
             array = group[split].with_config({"write_empty_chunks": True})
             ranges = [(b, min(b + cfg.batch_size, counts[split]))
                       for b in range(progress_done[split], counts[split], cfg.batch_size)]
-            for (begin, end), pixels in zip(ranges, _read_ahead(image_store.pixels(split), ranges, device)):
-                batch = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
-                t0 = time.perf_counter()
-                feats = _forward(encoder, batch, device)
-                forward_seconds += time.perf_counter() - t0
-                writer.put(split, array, begin, end, feats)
-                computed += end - begin
-                done += end - begin
-                if progress:
-                    progress(done, total)
+            # closing(): an error mid-split stops the read-ahead thread here, not at garbage collection
+            with contextlib.closing(_read_ahead(image_store.pixels(split), ranges, device)) as pixel_batches:
+                for (begin, end), pixels in zip(ranges, pixel_batches):
+                    batch = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+                    t0 = time.perf_counter()
+                    feats = _forward(encoder, batch, device)
+                    forward_seconds += time.perf_counter() - t0
+                    writer.put(split, array, begin, end, feats)
+                    computed += end - begin
+                    done += end - begin
+                    if progress:
+                        progress(done, total)
         writer.close()
     except OSError as exc:  # disk full, permission denied, read-only filesystem
         writer.close(raise_errors=False)
