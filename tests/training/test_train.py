@@ -94,6 +94,20 @@ def test_split_held_on_the_device_gives_the_same_batches(tiny_images, tiny_featu
     assert held.whole_maps().resident is None
 
 
+def test_window_loaders_whole_maps_match_a_whole_map_loader(tiny_images, tiny_features):
+    # A window loader holds its RAM copy channels-last; the whole maps it hands closed-form warm
+    # starts must still be the stored maps, in the same order.
+    images = ImageStore(tiny_images)
+    arr = FeatureStore(store_path(tiny_features, "vgg16/block1")).split("train")
+    windows = FeatureBatches([arr], images.pixels("train"), 5, crop=FeatureCrop(8, 2, 1))
+    plain = FeatureBatches([arr], images.pixels("train"), 5)
+    assert windows.nhwc and not plain.nhwc
+    pairs = list(zip(windows.whole_maps(5), plain.whole_maps(5), strict=True))
+    for (fa, pa), (fb, pb) in pairs:
+        assert torch.equal(fa[0], fb[0]) and torch.equal(pa, pb)
+        assert fa[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def _locate(window, full_map):
     """(top, left) where ``window`` (C, k, k) sits in ``full_map`` (C, h, w), or None."""
     k = window.shape[-1]
