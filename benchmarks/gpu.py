@@ -444,12 +444,7 @@ def extract_section(ctx: _Context) -> dict:
         warm, _ = run.extraction_overhead(ctx.images, tap, store_path(ctx.work / "features-warm", tap),
                                           ctx.stores.cfg, ctx.device)
         ctx.stores.warm_reports[tap] = warm
-        rows.append({"tap": tap, "precision": "library (warm)", "codec": ctx.stores.cfg.codec,
-                     "batch": ctx.stores.cfg.batch_size,
-                     "images_per_s": warm["extract_images_per_s"],
-                     "extraction_overhead": warm["extraction_overhead_without_build"],
-                     "images_per_s_without_build": warm["extract_samples"] / (warm["extract_seconds"]
-                                                                              - warm["encoder_build_seconds"])})
+        rows.append(_warm_library_row(tap, ctx.stores.cfg, warm))
         # The store's codec is the lever on the write side (a vgg16/block1 map is 1.6 MB of float16).
         for codec in ctx.plan.extract_codecs if tap == ctx.plan.extract_taps[0] else ():
             if ctx.left() < 0:
@@ -458,11 +453,7 @@ def extract_section(ctx: _Context) -> dict:
             other, _ = run.extraction_overhead(ctx.images, tap, store_path(ctx.work / f"features-{codec}", tap),
                                                cfg, ctx.device)
             remove_tree(ctx.work / f"features-{codec}")
-            rows.append({"tap": tap, "precision": "library (warm)", "codec": codec, "batch": cfg.batch_size,
-                         "images_per_s": other["extract_images_per_s"],
-                         "extraction_overhead": other["extraction_overhead_without_build"],
-                         "images_per_s_without_build": other["extract_samples"] / (other["extract_seconds"]
-                                                                                   - other["encoder_build_seconds"])})
+            rows.append(_warm_library_row(tap, cfg, other))
         dtypes = {"bf16": torch.bfloat16} | ({"fp16": torch.float16} if ctx.plan.fp16_error else {})
         errors[tap] = {name: _relative_error(encoder, dtype, ctx.device) for name, dtype in dtypes.items()}
     best = {}
@@ -482,6 +473,15 @@ def extract_section(ctx: _Context) -> dict:
                             "and compression included; extraction_overhead = its time without the encoder build "
                             "÷ the pure forward over the same batches; `library (warm)`: the same extraction "
                             "again in the same process, CUDA and cuDNN's autotuning already set up"}
+
+
+def _warm_library_row(tap: str, cfg: ExtractConfig, report: dict) -> dict:
+    """An `extract` row for a second extraction in this (warm) process, from ``run.extraction_overhead``."""
+    return {"tap": tap, "precision": "library (warm)", "codec": cfg.codec, "batch": cfg.batch_size,
+            "images_per_s": report["extract_images_per_s"],
+            "extraction_overhead": report["extraction_overhead_without_build"],
+            "images_per_s_without_build": report["extract_samples"] / (report["extract_seconds"]
+                                                                       - report["encoder_build_seconds"])}
 
 
 def train_section(ctx: _Context) -> dict:

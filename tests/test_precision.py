@@ -10,7 +10,8 @@ from featinv.store import loader
 from featinv.config import LossConfig
 from featinv.store.feature_store import FeatureStore, store_path
 from featinv.data.image_store import ImageStore
-from featinv.store.loader import FeatureBatches
+from featinv.store.loader import FeatureBatches, FeatureCrop
+from featinv.store.prefetch import prefetched
 from featinv.training.losses import ReconstructionLoss
 
 
@@ -113,12 +114,13 @@ class _FakeCopy:
         return moved
 
 
-def test_cuda_path_ships_float16_and_uint8_and_converts_on_arrival(tiny_images, tiny_features, monkeypatch):
+@pytest.mark.parametrize("crop", [None, FeatureCrop(8, 2, 1)], ids=["whole maps", "windows (channels-last RAM copy)"])
+def test_cuda_path_ships_float16_and_uint8_and_converts_on_arrival(tiny_images, tiny_features, monkeypatch, crop):
     store = FeatureStore(store_path(tiny_features, "vgg16/block1"))
     pixels = ImageStore(tiny_images).pixels("train")
-    expected = list(_batches(store, pixels))
+    expected = list(_batches(store, pixels, crop=crop))
     monkeypatch.setattr(loader.precision, "pinned", lambda array: torch.from_numpy(np.ascontiguousarray(array)))
-    cuda = _batches(store, pixels, read_threads=2)
+    cuda = _batches(store, pixels, read_threads=2, crop=crop)
     cuda.device, cuda._copy = torch.device("cuda"), _FakeCopy()
     got = list(cuda)
     assert cuda._copy.sent and all(s == [torch.float16, torch.uint8] for s in cuda._copy.sent)
@@ -129,7 +131,7 @@ def test_cuda_path_ships_float16_and_uint8_and_converts_on_arrival(tiny_images, 
 
 
 def test_prefetched_keeps_order_raises_in_the_consumer_and_stops_when_closed():
-    assert list(loader._prefetched(lambda x: x * x, list(range(20)), threads=4)) == [x * x for x in range(20)]
+    assert list(prefetched(lambda x: x * x, list(range(20)), threads=4)) == [x * x for x in range(20)]
 
     def read(x):
         if x == 5:
@@ -137,10 +139,10 @@ def test_prefetched_keeps_order_raises_in_the_consumer_and_stops_when_closed():
         return x
 
     with pytest.raises(ValueError, match="bad batch 5"):
-        list(loader._prefetched(read, list(range(10)), threads=2))
+        list(prefetched(read, list(range(10)), threads=2))
 
     seen = []
-    stream = loader._prefetched(lambda x: seen.append(x) or x, list(range(1000)), threads=2)
+    stream = prefetched(lambda x: seen.append(x) or x, list(range(1000)), threads=2)
     assert next(stream) == 0
     stream.close()
     assert len(seen) < 20  # a few batches ahead, not the whole list

@@ -27,7 +27,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from featinv.mismatch import setting_differences, short_repr
 from featinv.data.image_store import ImageStore
 from featinv.data.sources import SPLITS
 from featinv.encoders.taps import Normalisation, TapSpec, build_encoder, resolve_normalisation, resolve_tap, weights_for_tap, weights_id
+from featinv.store.prefetch import prefetched
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
 __all__ = ["FeatureStore", "ExtractReport", "extract_features", "expected_fingerprint", "decoder_input_differences",
@@ -355,14 +355,7 @@ def _read_ahead(pixels, ranges: list[tuple[int, int]], device: torch.device) -> 
         array = np.asarray(pixels[bounds[0] : bounds[1]])
         return precision.pinned(array) if device.type == "cuda" else torch.from_numpy(array)
 
-    if not ranges:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-pixels") as pool:
-        pending = pool.submit(read, ranges[0])
-        for bounds in ranges[1:]:
-            current, pending = pending.result(), pool.submit(read, bounds)
-            yield current
-        yield pending.result()
+    return prefetched(read, ranges, ahead=1, name="featinv-pixels")
 
 
 class _Writer:

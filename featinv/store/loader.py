@@ -20,23 +20,22 @@ a side stream with ``non_blocking`` and converted to float32 on the GPU
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from featinv import precision
+from featinv.store.prefetch import prefetched
 
 __all__ = ["FeatureBatches", "FeatureCrop"]
 
 log = logging.getLogger(__name__)
 
-_PREFETCH = 4
+_THREADS = "featinv-loader"  # names the loader's read-ahead threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +205,10 @@ class FeatureBatches:
         pix = np.arange(size * scale)
         pix_y = ((windows[:, 0] + margin) * scale)[:, None, None] + pix[None, :, None]
         pix_x = ((windows[:, 1] + margin) * scale)[:, None, None] + pix[None, None, :]
-        if isinstance(pixel_array, torch.Tensor):
-            rows, feat_y, feat_x, index, pix_y, pix_x = (_indices_on(pixel_array.device, i)
-                                                        for i in (rows, feat_y, feat_x, index, pix_y, pix_x))
+        if isinstance(pixel_array, torch.Tensor):  # the split held on the device: rows are the sample indices
+            index, feat_y, feat_x, pix_y, pix_x = (_indices_on(pixel_array.device, i)
+                                                   for i in (index, feat_y, feat_x, pix_y, pix_x))
+            rows = index
         if self.nhwc:  # channels-last maps: each position's channels are one contiguous row
             feats = [a[rows[:, None, None], feat_y, feat_x] for a in arrays]
         else:  # advanced indices around a slice put their dims first: (B, side, side, C) → (B, C, side, side)
@@ -246,7 +246,7 @@ class FeatureBatches:
         if self.device.type == "cuda":  # every batch through the background thread(s), then onto the GPU
             if self._copy is None:
                 self._copy = precision.DeviceCopy(self.device)
-            stream = _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+            stream = prefetched(lambda batch: self._read(*batch), batches, self.read_threads, name=_THREADS)
             try:
                 for sent in stream:
                     yield self._arrive(sent)
@@ -258,7 +258,7 @@ class FeatureBatches:
                 yield self._read(index, corners)
             return
         # Streaming reads, or window gathers: on a background thread, overlapping the step.
-        yield from _prefetched(lambda batch: self._read(*batch), batches, self.read_threads)
+        yield from prefetched(lambda batch: self._read(*batch), batches, self.read_threads, name=_THREADS)
 
 
 def _indices_on(device: torch.device, indices: np.ndarray) -> torch.Tensor:
@@ -315,24 +315,3 @@ def _channels_last_copy(array, n: int, block: int = 64) -> np.ndarray:
     for begin in range(0, n, block):
         out[begin : begin + block] = np.asarray(array[begin : min(begin + block, n)]).transpose(0, 2, 3, 1)
     return out
-
-
-def _prefetched(read: Callable, batches: list, threads: int = 1) -> Iterator:
-    """``read`` of each of ``batches``, in order, computed on ``threads`` background threads a few batches ahead.
-
-    An exception in ``read`` is raised here, in the consumer; closing the iterator stops the
-    reading (a read in progress finishes first).
-    """
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featinv-loader")
-    pending: collections.deque = collections.deque()
-    try:
-        for batch in batches:
-            pending.append(pool.submit(read, batch))
-            if len(pending) > _PREFETCH + threads - 1:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True)
