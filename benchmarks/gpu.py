@@ -23,8 +23,10 @@ start after it is recorded as skipped, and the study stops timing cells and extr
 6. ``limit``: per tap, the cache speedup's physical limit — (encoder forward + decoder
    step) ÷ decoder step, from per-part timings and from counted FLOPs — next to the
    speedup achieved, all measured in one interleaved loop; reports achieved ÷ limit.
-7. ``compile``: ``torch.compile`` vs eager for the bf16 step (CUDA only): compilation
-   seconds, steady rates, and the steps a study cell needs before it pays.
+7. ``compile``: ``torch.compile`` vs eager for the cached step in
+   featinv's precision (bf16 on CUDA, float32 on a CPU): compilation seconds, steady rates,
+   and the steps a study cell needs before it pays.  On the CPU plan, ``limit`` also times
+   the achieved speedup with the decoder compiled.
 
     python -m benchmarks.gpu            # on a GPU: ≤ 8 min on one H100 → benchmarks/results/gpu.json
     python -m benchmarks.gpu --dry      # CPU, toy sizes: the CI smoke test
@@ -149,6 +151,7 @@ class Plan:
     pack_seconds: float = 5.0  # ... then count the samples trained in this many seconds
     startup_profile: bool = True  # time the tiny cell a second time under cProfile, for the breakdown
     fp16_error: bool = True  # also the error of float16 autocast (slow on a CPU: ~1 min for vgg16/block3)
+    limit_compile: bool = False  # `limit` also times both paths with the decoder under torch.compile
 
 
 GPU = Plan("gpu", train_images=80, test_images=8, train_views=4, batch=run.BATCH, extract_batch=256,
@@ -167,14 +170,20 @@ CPU = dataclasses.replace(GPU, name="cpu", train_images=5, test_images=1, extrac
                           extract_rounds=2, extract_codecs=(), warmup=2, steps=6, block=1,
                           loader_taps=("vgg16/block1",),
                           loader_threads=(1, 2), loader_min_batches=40, study_steps=4, study_cell_seconds=10.0,
-                          limit_steps=8, compile_cases=(), pack_cases=(("vgg16/block1", "transposed_conv"),),
+                          limit_steps=8, limit_compile=True,
+                          compile_cases=(("vgg16/block1", "transposed_conv"), ("vgg16/block3", "transposed_conv"),
+                                         ("resnet34/layer1", "transposed_conv"), ("resnet34/layer2", "transposed_conv"),
+                                         ("vgg16/block1", "frequency_aware"), ("vgg16/block1", "wavelet"),
+                                         ("vgg16/block1", "attention")),
+                          pack_cases=(("vgg16/block1", "transposed_conv"),),
                           pack_workers=(1, 2), pack_precisions=("policy",), pack_warm_seconds=8.0, pack_seconds=10.0,
                           budget_seconds=1800)
 DRY = dataclasses.replace(CPU, name="dry", test_images=1, train_views=2, batch=2, extract_batch=4,
                           extract_taps=("vgg16/block1",), extract_batches=(2,), extract_rounds=1,
                           extract_codecs=("none",), train_taps=("vgg16/block1",), train_decoders=("transposed_conv",),
                           warmup=1, steps=1, loader_min_batches=4, study_steps=1,
-                          study_cells=1, limit_taps=("vgg16/block1",), limit_steps=2, budget_seconds=240,
+                          study_cells=1, limit_taps=("vgg16/block1",), limit_steps=2, limit_compile=False,
+                          compile_cases=(("vgg16/block1", "transposed_conv"),), budget_seconds=240,
                           pack_warm_seconds=2.0, pack_seconds=1.0, startup_profile=False, fp16_error=False)
 PLANS = {p.name: p for p in (GPU, CPU, DRY)}
 
@@ -204,7 +213,9 @@ class _Trainer:
     def __init__(self, specs, decoder: str, fusion: str | None, batches, inputs_of: Callable, context: Callable,
                  device: torch.device, criterion: nn.Module | None = None, compile_model: bool = False) -> None:
         model = run._fresh_model(specs, decoder, fusion, device)
-        self.model = _Amp(precision.compiled(model, device, compile_model), context).train()
+        # torch.compile is measured here only: in featinv's training step it paid on no device
+        # enough to be worth a per-process compile (BENCHMARKS.md, "torch.compile on the CPU").
+        self.model = _Amp(torch.compile(model) if compile_model else model, context).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=run.LR)
         self.criterion = criterion or ReconstructionLoss(LossConfig(mse=1.0)).to(device)
         self.batches, self.inputs_of, self.device = batches, inputs_of, device
@@ -741,11 +752,18 @@ def limit_section(ctx: _Context) -> dict:
                 encoder(pixels01)
             return pixels01.shape[0]
 
+        paths = {"cache": cached, "naive": naive, "decoder": decoder_only}
+        if plan.limit_compile:  # both paths again with the decoder compiled; the warm-up compiles them
+            # A fresh start per tap: past torch._dynamo's recompile limit (8 shapes of one forward)
+            # it would silently run the later taps eager.
+            torch.compiler.reset()
+            paths |= {"cache_compiled": _cache_trainer(ctx, [store], run.DECODER, None, policy, compile_model=True),
+                      "naive_compiled": _naive_trainer(ctx, store, encoder, run.DECODER, policy, compile_model=True)}
         try:
-            timed = _timed({"cache": cached.step, "naive": naive.step, "encoder": encoder_only,
-                            "decoder": decoder_only.step}, plan.warmup, plan.limit_steps, 1, device)
+            timed = _timed({name: t.step for name, t in paths.items()} | {"encoder": encoder_only},
+                           plan.warmup, plan.limit_steps, 1, device)
         finally:
-            for t in (cached, naive, decoder_only):
+            for t in paths.values():
                 t.close()
         s = {k: np.asarray(v["seconds"]) for k, v in timed.items()}
         flops_encoder, flops_decoder = _flops(encoder, decoder_only, fixed, device)
@@ -764,29 +782,38 @@ def limit_section(ctx: _Context) -> dict:
             "encoder_gflops_per_s": flops_encoder * plan.batch / s["encoder"].mean() / 1e9,
             "decoder_gflops_per_s": flops_decoder * plan.batch / s["decoder"].mean() / 1e9,
         })
+        if plan.limit_compile:
+            achieved_compiled = s["naive_compiled"].sum() / s["cache_compiled"].sum()
+            rows[-1] |= {"achieved_compiled": achieved_compiled,
+                         "achieved_compiled_over_limit_flops": achieved_compiled / limit_flops,
+                         "ms_cache_compiled_step": 1e3 * s["cache_compiled"].mean(),
+                         "ms_naive_compiled_step": 1e3 * s["naive_compiled"].mean()}
         ctx.save()
     print(f"\n## Cache speedup vs its limit ({device.type}, {run.DECODER}, batch {plan.batch})\n")
     print(table(rows, ["tap", "achieved", "limit_timed", "limit_flops", "achieved_over_limit_timed",
                        "achieved_over_limit_flops", "ms_cache_step", "ms_decoder_step", "ms_encoder",
-                       "ms_cache_overhead", "encoder_gflops_per_s", "decoder_gflops_per_s"],
+                       "ms_cache_overhead", "encoder_gflops_per_s", "decoder_gflops_per_s"]
+                + (["achieved_compiled", "achieved_compiled_over_limit_flops", "ms_cache_compiled_step"]
+                   if plan.limit_compile else []),
                 {k: ".2f" for r in rows for k in r if k != "tap"}), flush=True)
     return {"rows": rows, "target": "achieved ÷ limit ≥ 0.8 on every tap",
             "definition": "achieved = naive step ÷ cache step (both from fetching the batch to Adam's step); "
                           "limit_timed = (encoder forward + decoder step on ready features) ÷ decoder step; "
                           "limit_flops = the same from FlopCounterMode counts (decoder forward + backward, one "
-                          "sample); all four timed in one interleaved loop, one step each per round"}
+                          "sample); all four timed in one interleaved loop, one step each per round; "
+                          "achieved_compiled: the same two paths with the decoder under torch.compile, "
+                          "compiled during the untimed warm-up, in the same loop"}
 
 
 def compile_section(ctx: _Context) -> dict:
-    """torch.compile vs eager, bf16 cached step: compile seconds, steady rates, break-even steps (CUDA only)."""
-    if ctx.device.type != "cuda":
-        return {"skipped": "torch.compile is measured on CUDA only (precision.compiled is a no-op elsewhere)"}
+    """torch.compile vs eager, cached step in featinv's precision: compile seconds, steady rates, break-even steps."""
     policy = lambda: precision.autocast(ctx.device)  # noqa: E731
     rows = []
     for tap, decoder in ctx.plan.compile_cases:
         if ctx.left() < 60:
             break
         store = ctx.stores.get(tap)
+        torch.compiler.reset()  # compiled afresh for each case (and never past the recompile limit)
         eager = _cache_trainer(ctx, [store], decoder, None, policy)
         compiled = _cache_trainer(ctx, [store], decoder, None, policy, compile_model=True)
         try:
@@ -809,7 +836,7 @@ def compile_section(ctx: _Context) -> dict:
                      "compiled_samples_per_s": timed["compiled"]["samples_per_s"],
                      "break_even_steps": break_even, "cell_steps": CELL_STEPS, "pays": break_even < CELL_STEPS})
         ctx.save()
-    print("\n## torch.compile (bf16 cached step)\n")
+    print(f"\n## torch.compile ({ctx.device.type}, cached step, featinv's precision)\n")
     print(table(rows, ["tap", "decoder", "compile_seconds", "eager_samples_per_s", "compiled_samples_per_s",
                        "break_even_steps", "pays"], {"compile_seconds": ".1f", "eager_samples_per_s": ".1f",
                                                      "compiled_samples_per_s": ".1f", "break_even_steps": ".0f"}),
@@ -861,7 +888,7 @@ def _device_cache_gb(params: Config, device: torch.device, taps: list[str]) -> f
 
 
 def _naive_trainer(ctx: _Context, store: FeatureStore, encoder: TapEncoder, decoder: str,
-                   context: Callable) -> _Trainer:
+                   context: Callable, compile_model: bool = False) -> _Trainer:
     """A path that runs the frozen encoder on the pixels every step (the published way)."""
     batches = FeatureBatches([], ImageStore(ctx.images).pixels("train"), ctx.plan.batch, shuffle=True, seed=run.SEED,
                              drop_last=True, device=ctx.device)
@@ -870,7 +897,7 @@ def _naive_trainer(ctx: _Context, store: FeatureStore, encoder: TapEncoder, deco
         with torch.no_grad(), context():
             return decoder_inputs([encoder(pixels01)], ctx.device)
 
-    return _Trainer([store.spec], decoder, None, batches, inputs_of, context, ctx.device)
+    return _Trainer([store.spec], decoder, None, batches, inputs_of, context, ctx.device, compile_model=compile_model)
 
 
 def _first_batch(batches: FeatureBatches) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -1,4 +1,4 @@
-"""What changes with the device: bf16 autocast, channels_last, pinned host→device copies, compilation.
+"""What changes with the device: bf16 autocast, channels_last, pinned host→device copies.
 
 On CUDA, featinv computes in bfloat16 under autocast — the encoder's forward at extraction,
 the decoder's forward and backward in training — while weights, optimizer state, losses and
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["AMP_DTYPE", "amp_enabled", "autocast", "cpu_computes_bf16", "training_dtype", "autocast_to", "float32",
-           "setup", "channels_last", "pinned", "DeviceCopy", "compiled"]
+           "setup", "channels_last", "pinned", "DeviceCopy"]
 
 AMP_DTYPE = torch.bfloat16
 
@@ -158,14 +158,3 @@ class DeviceCopy:
             t.record_stream(stream)
         return moved
 
-
-def compiled(model: nn.Module, device: torch.device | str, enabled: bool) -> nn.Module:
-    """``torch.compile(model)`` when ``enabled`` and on CUDA; ``model`` itself otherwise.
-
-    An option, off unless a measurement shows it pays: compilation costs tens of seconds per
-    process (per study cell), which must come back over that cell's steps
-    (``python -m benchmarks.gpu`` reports the break-even step count).
-    """
-    if enabled and torch.device(device).type == "cuda":
-        return torch.compile(model)
-    return model
