@@ -15,7 +15,7 @@ from conftest import photo
 
 
 def _image(size=64, seed=0):
-    return torch.from_numpy(photo(size, seed)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return torch.from_numpy(photo(size, seed).copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)
 
 
 def test_refinement_lowers_feature_error_by_a_clear_margin():
