@@ -3,7 +3,10 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import run
+from benchmarks.common import NATURAL
 
 
 def _positive(value) -> bool:
@@ -45,6 +48,8 @@ def test_memory_format_benchmark_times_every_setting(tmp_path):
     assert all(_positive(row[f"{s}_s"]) for s in memory_format.SETTINGS)
 
 
+@pytest.mark.skipif(not (NATURAL / "CBSD68").is_dir(),
+                    reason=f"needs the shared photographs (CBSD68) in {NATURAL}, absent here")
 def test_refine_probe_refines_noisy_true_images_towards_the_clean_ones(tmp_path):
     from benchmarks import refine_probe
 
