@@ -21,6 +21,8 @@ import yaml
 from featinv.errors import ParamsError
 
 __all__ = [
+    "ADDED_SETTINGS",
+    "with_added_settings",
     "DataConfig",
     "ExtractConfig",
     "LossConfig",
@@ -102,6 +104,17 @@ class _Section:
                 raise ParamsError(f"`{key}` = {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
+# Settings added after artefacts (image stores, checkpoints) were first written, with the value
+# such artefacts were made with: one that does not record the setting was made that way, so a
+# comparison with today's params must not count it as different.
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {"data": {"train_scale": [1.0, 1.0]}}
+
+
+def with_added_settings(section: str, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A section as an artefact recorded it, with the settings it predates at their old values."""
+    return None if recorded is None else {**ADDED_SETTINGS.get(section, {}), **recorded}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
     """``data:`` — where images come from and how they are preprocessed (the study's protocol)."""
@@ -118,6 +131,9 @@ class DataConfig(_Section):
     resize: int = bounded(256, 1)  # bicubic resize of the whole image, as published
     crop: int = bounded(224, 1)  # train: random crop + h-flip; val/test: centre crop
     train_views: int = bounded(4, 1)  # cached augmented views per training image
+    # Scale augmentation of the training views: each view resizes the image to (resize·s)², s
+    # drawn uniformly from [low, high], before its random crop. [1, 1] is the published protocol.
+    train_scale: tuple[float, ...] = (1.0, 1.0)
     max_images: int | None = bounded(None, 1)  # cap on source images (quick experiments, tests)
     sample_crops: int = bounded(6, 1)  # sample source: crops taken from each photograph
 
@@ -126,6 +142,13 @@ class DataConfig(_Section):
         if self.crop > self.resize:
             raise ParamsError(f"`data.crop` = {self.crop} must not exceed `data.resize` = {self.resize} "
                               "(images are resized to data.resize² before cropping)")
+        if len(self.train_scale) != 2 or not 0 < self.train_scale[0] <= self.train_scale[1]:
+            raise ParamsError(f"`data.train_scale` = {list(self.train_scale)!r} must be [low, high] with "
+                              "0 < low ≤ high (e.g. [1.0, 1.5]; [1, 1] is the published protocol)")
+        if round(self.resize * self.train_scale[0]) < self.crop:
+            raise ParamsError(f"`data.train_scale` low = {self.train_scale[0]:g} would resize to "
+                              f"{round(self.resize * self.train_scale[0])}², below `data.crop` = {self.crop}; "
+                              f"use a low ≥ {self.crop / self.resize:.3g}")
 
 
 @dataclasses.dataclass(frozen=True)

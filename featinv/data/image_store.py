@@ -28,7 +28,7 @@ import numpy as np
 
 from featinv.config import DataConfig
 from featinv.errors import DataSourceError, ParamsError, StorageError, StoreIncompleteError
-from featinv.data.images import center_crop, display_path, random_view, resize_square, view_rng
+from featinv.data.images import center_crop, display_path, resize_square, training_view, view_rng
 from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
@@ -148,7 +148,8 @@ def prepare_images(
                 if split != "train":
                     crops = [center_crop(resized, cfg.crop)]
                 else:
-                    crops = [random_view(resized, cfg.crop, view_rng(seed, image.id, v)) for v in range(views)]
+                    crops = [training_view(rgb, cfg.resize, cfg.crop, cfg.train_scale, view_rng(seed, image.id, v),
+                                           resized) for v in range(views)]
                 return crops, pixels_sha.hexdigest(), small
 
             n = len(pools[split]) * views
@@ -189,7 +190,7 @@ def prepare_images(
             "resize": cfg.resize,
             "crop": cfg.crop,
             "interpolation": "bicubic",
-            "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views",
+            "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views" + _scale_text(cfg),
             "eval": f"centre crop {cfg.crop}",
         }
         fingerprint = digest(
@@ -223,6 +224,13 @@ def prepare_images(
     log.info("prepared %s: %s", out, counts)
     return PrepareReport(out, counts, fingerprint)
 
+
+
+def _scale_text(cfg: DataConfig) -> str:
+    """The scale augmentation in words; empty for the published protocol, whose text (and so
+    every existing store's fingerprint) stays as it was."""
+    low, high = cfg.train_scale
+    return "" if low == high == 1.0 else f", each view resized to ({cfg.resize}·s)², s ~ U[{low:g}, {high:g}]"
 
 
 MEAN_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time

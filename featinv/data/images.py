@@ -36,6 +36,7 @@ __all__ = [
     "to_rgb_uint8",
     "resize_square",
     "center_crop",
+    "training_view",
     "random_view",
     "preprocess_eval",
 ]
@@ -149,6 +150,21 @@ def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndar
     if rng.random() < 0.5:
         view = view[:, ::-1]
     return np.ascontiguousarray(view)
+
+
+def training_view(rgb: np.ndarray, resize: int, crop: int, scale: tuple[float, float],
+                  rng: np.random.Generator, resized: np.ndarray | None = None) -> np.ndarray:
+    """One augmented training view: the image resized to (``resize``·s)², then :func:`random_view`.
+
+    ``s`` is drawn uniformly from ``scale`` = (low, high); at (1, 1), the published protocol, no
+    draw is made, so such views are the ones featinv has always made.  ``resized``: the image
+    already resized to ``resize``², reused when s = 1.
+    """
+    low, high = scale
+    s = low if low == high else float(rng.uniform(low, high))
+    size = resize if s == 1.0 else round(resize * s)
+    base = resized if resized is not None and size == resize else resize_square(rgb, size)
+    return random_view(base, crop, rng)
 
 
 def preprocess_eval(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:

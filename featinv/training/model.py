@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from featinv.config import with_added_settings
 from featinv.decoders import build_decoder, count_parameters
 from featinv.errors import CheckpointError, ParamsError
 from featinv.mismatch import setting_differences
@@ -132,7 +133,8 @@ def check_checkpoint(path: str | Path, meta: dict, expected_config: dict | None 
                         f"{meta.get('epoch', '?')}: killed, or still running)")
     if expected_config is not None:
         trained = meta.get("config") or {}
-        differences = setting_differences({k: trained.get(k) for k in RUN_SETTINGS},
+        differences = setting_differences({k: with_added_settings(k, trained[k]) if isinstance(trained.get(k), dict)
+                                           else trained.get(k) for k in RUN_SETTINGS},
                                           {k: expected_config.get(k) for k in RUN_SETTINGS},
                                           has="checkpoint has", wants="params say")
         if differences:

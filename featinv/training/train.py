@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from featinv.data.image_store import dataset_mean_image
-from featinv.config import Config
+from featinv.config import Config, with_added_settings
 from featinv.decoders import count_parameters
 from featinv import precision
 from featinv.device import resolve_device
@@ -262,6 +262,8 @@ def check_image_store(cfg: Config, images: ImageStore) -> None:
     if built is None:  # a store from before the data params were recorded: compare what it kept
         built = {k: v for k, v in {"source": images.attrs.get("source"),
                                    **images.attrs.get("preprocessing", {})}.items() if k in wanted}
+    else:
+        built = with_added_settings("data", built)
     differences = setting_differences(
         {"data": {k: v for k, v in built.items() if k in wanted}, "seed": images.attrs.get("seed")},
         {"data": {k: wanted[k] for k in built if k in wanted}, "seed": cfg.seed},

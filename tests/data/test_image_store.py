@@ -1,5 +1,6 @@
 """prepare_images: test leakage and upsampling are reported; a full disk leaves nothing behind."""
 
+import dataclasses
 import errno
 import logging
 import shutil
@@ -8,7 +9,7 @@ import pytest
 import zarr
 
 from featinv.config import DataConfig
-from featinv.errors import StorageError
+from featinv.errors import ParamsError, StorageError
 from featinv.data.image_store import ImageStore, prepare_images
 
 from conftest import photo, write_image
@@ -82,3 +83,31 @@ def test_permission_denied_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match=r"images.zarr: writing the image store failed \(EACCES: .*writable"):
         prepare_images(cfg, 42, out, workers=2)
     assert not out.exists() and not (tmp_path / "images.zarr.partial").exists()
+
+
+def test_scale_augmentation_is_recorded_and_the_published_views_keep_their_fingerprint(tmp_path):
+    cfg = _folders(tmp_path)
+    published = prepare_images(cfg, 42, tmp_path / "published.zarr", workers=2)
+    again = prepare_images(dataclasses.replace(cfg, train_scale=(1.0, 1.0)), 42, tmp_path / "again.zarr", workers=2)
+    scaled = prepare_images(dataclasses.replace(cfg, train_scale=(1.0, 1.5)), 42, tmp_path / "scaled.zarr", workers=2)
+    assert again.fingerprint == published.fingerprint != scaled.fingerprint
+    assert ImageStore(tmp_path / "published.zarr").attrs["preprocessing"]["train"] == "random crop 32 + hflip p=0.5, 2 views"
+    scaled_store = ImageStore(tmp_path / "scaled.zarr")
+    assert scaled_store.attrs["preprocessing"]["train"].endswith("each view resized to (40·s)², s ~ U[1, 1.5]")
+    assert scaled_store.attrs["data"]["train_scale"] == [1.0, 1.5]
+    # Evaluation crops do not depend on the training views' scale.
+    published_store = ImageStore(tmp_path / "published.zarr")
+    for split in ("val", "test"):
+        assert (published_store.pixels(split)[:] == scaled_store.pixels(split)[:]).all()
+    assert not (published_store.pixels("train")[:] == scaled_store.pixels("train")[:]).all()
+
+
+@pytest.mark.parametrize("scale, message", [
+    ((1.5,), "`data.train_scale` = [1.5] must be [low, high]"),
+    ((1.5, 1.2), "must be [low, high] with 0 < low ≤ high"),
+    ((0.5, 1.0), "`data.train_scale` low = 0.5 would resize to 20², below `data.crop` = 32; use a low ≥ 0.8"),
+])
+def test_a_bad_train_scale_is_one_line_naming_the_parameter(scale, message):
+    with pytest.raises(ParamsError) as info:
+        DataConfig(**SMALL, train_scale=scale)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -17,6 +17,7 @@ from featinv.data.images import (
     random_view,
     read_rgb,
     resize_square,
+    training_view,
     view_rng,
 )
 
@@ -133,3 +134,28 @@ def test_preprocessing_shapes_and_determinism():
     c = random_view(resized, 224, view_rng(42, "img", 1))
     assert np.array_equal(a, b) and a.shape == (224, 224, 3)
     assert not np.array_equal(a, c)
+
+
+def test_training_views_at_scale_one_are_the_published_views():
+    rgb = photo(500)
+    resized = resize_square(rgb, 256)
+    for v in range(3):
+        published = random_view(resized, 224, view_rng(42, "img", v))
+        assert np.array_equal(training_view(rgb, 256, 224, (1.0, 1.0), view_rng(42, "img", v)), published)
+        assert np.array_equal(training_view(rgb, 256, 224, (1.0, 1.0), view_rng(42, "img", v), resized), published)
+
+
+def test_scaled_training_views_are_seeded_crops_of_the_image_resized_by_their_scale():
+    rgb = photo(500)
+    views = [training_view(rgb, 256, 224, (1.0, 2.0), view_rng(42, "img", v)) for v in range(6)]
+    again = [training_view(rgb, 256, 224, (1.0, 2.0), view_rng(42, "img", v)) for v in range(6)]
+    assert all(np.array_equal(a, b) and a.shape == (224, 224, 3) for a, b in zip(views, again))
+    # Each view is a window of the image resized to (256·s)², s drawn from the view's own generator.
+    for v, view in enumerate(views):
+        rng = view_rng(42, "img", v)
+        size = round(256 * rng.uniform(1.0, 2.0))
+        assert np.array_equal(view, random_view(resize_square(rgb, size), 224, rng))
+    # A fixed scale is no draw: 1.5 resizes every view to 384².
+    rng = view_rng(42, "img", 0)
+    assert np.array_equal(training_view(rgb, 256, 224, (1.5, 1.5), view_rng(42, "img", 0)),
+                          random_view(resize_square(rgb, 384), 224, rng))

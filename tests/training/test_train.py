@@ -1,12 +1,15 @@
 """Training reads only the cache: no encoder is built, targets are pixels in [0, 1]."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
+import zarr
 
 import featinv.encoders.taps
 import featinv.training.train
+from featinv.training.train import check_image_store
 from featinv.config import LossConfig
 from featinv.errors import StoreMismatchError, WeightsUnavailableError
 from featinv.store.feature_store import FeatureStore, store_path
@@ -259,6 +262,24 @@ def test_train_refuses_an_image_store_prepared_with_other_data_params(tiny_confi
     assert not (tmp_path / "run").exists()
     with pytest.raises(StoreMismatchError, match="seed: image store built with 42, params say 7"):
         train_decoder(dataclasses.replace(tiny_config, seed=7), tiny_images, tiny_features, tmp_path / "run")
+    scaled = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5)))
+    with pytest.raises(StoreMismatchError, match=r"data.train_scale: image store built with \[1.0, 1.0\], "
+                                                 r"params say \[1.0, 1.5\]"):
+        train_decoder(scaled, tiny_images, tiny_features, tmp_path / "run")
+
+
+def test_a_store_from_before_train_scale_was_recorded_counts_as_the_published_views(tiny_config, tiny_images,
+                                                                                   tmp_path):
+    old = tmp_path / "images.zarr"
+    shutil.copytree(tiny_images, old)
+    group = zarr.open_group(str(old), mode="r+")
+    data = dict(group.attrs["data"])
+    del data["train_scale"]
+    group.attrs["data"] = data
+    check_image_store(tiny_config, ImageStore(old))  # made as [1, 1] makes views: accepted
+    scaled = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5)))
+    with pytest.raises(StoreMismatchError, match=r"data.train_scale: image store built with \[1.0, 1.0\]"):
+        check_image_store(scaled, ImageStore(old))
 
 
 def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, tiny_images, tiny_features, tmp_path):
@@ -305,3 +326,14 @@ def test_weight_decay_shrinks_the_learned_layers_but_not_the_ridge_fit(decoder, 
         elif before[name].abs().sum() > 0:
             assert p.abs().sum() < before[name].abs().sum(), f"{name} was not decayed"
     assert any(name.startswith("decoder.linear.") for name in before)
+
+
+def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(tiny_config):
+    from featinv.training.model import check_checkpoint
+    config = dataclasses.asdict(tiny_config)
+    old = {**config, "data": {k: v for k, v in config["data"].items() if k != "train_scale"}}
+    assert check_checkpoint("old.pt", {"finished": True, "config": old}, config) == []
+    scaled = dataclasses.asdict(dataclasses.replace(
+        tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5))))
+    (problem,) = check_checkpoint("old.pt", {"finished": True, "config": old}, scaled)
+    assert "data.train_scale: checkpoint has [1.0, 1.0], params say [1.0, 1.5]" in problem
