@@ -192,7 +192,7 @@ def _views_folder(views: int, train_scale) -> str:
     return "-".join(parts)
 
 
-def data_config(data_root: Path, views: int = 8, max_images: int | None = None,
+def data_config(data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
                 train_scale: tuple[float, float] = (1.0, 1.0)) -> DataConfig:
     """The benchmark's data section: CBSD68 train/val (20 %), CSet14 + CSet5 test, in place."""
     return DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
@@ -200,7 +200,7 @@ def data_config(data_root: Path, views: int = 8, max_images: int | None = None,
                       val_fraction=0.2, train_views=views, max_images=max_images, train_scale=tuple(train_scale))
 
 
-def prepared_images(work: Path, data_root: Path, views: int = 8, max_images: int | None = None,
+def prepared_images(work: Path, data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
                     train_scale: tuple[float, float] = (1.0, 1.0)) -> Path:
     """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
     images = work / "images.zarr"

@@ -110,9 +110,9 @@ class _Section:
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {"data": {"train_scale": [1.0, 1.0]}}
 
 
-def with_added_settings(section: str, recorded: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def with_added_settings(section: str, recorded: Mapping[str, Any]) -> dict[str, Any]:
     """A section as an artefact recorded it, with the settings it predates at their old values."""
-    return None if recorded is None else {**ADDED_SETTINGS.get(section, {}), **recorded}
+    return {**ADDED_SETTINGS.get(section, {}), **recorded}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -161,8 +161,7 @@ def training_view(rgb: np.ndarray, resize: int, crop: int, scale: tuple[float, f
     already resized to ``resize``², reused when s = 1.
     """
     low, high = scale
-    s = low if low == high else float(rng.uniform(low, high))
-    size = resize if s == 1.0 else round(resize * s)
+    size = round(resize * (low if low == high else float(rng.uniform(low, high))))
     base = resized if resized is not None and size == resize else resize_square(rgb, size)
     return random_view(base, crop, rng)
 
