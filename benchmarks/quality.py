@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train-scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
                    help="data.train_scale of the training views (default 1 1, the published protocol); other "
                         "values prepare, extract and train in their own folder under --work")
+    p.add_argument("--train-orientations", default="horizontal", choices=["horizontal", "dihedral"],
+                   help="data.train_orientations of the training views (default horizontal, the published h-flip); "
+                        "dihedral prepares, extracts and trains in its own folder under --work")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
@@ -149,10 +152,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.refine_steps, args.select_steps, args.views = 5, 2, 1
         args.other_refine_steps, args.other_select_steps = 5, 2
 
-    data = data_config(args.data, args.views, max_images=8 if args.quick else None, train_scale=args.train_scale)
-    args.work = args.work / _views_folder(args.views, args.train_scale)  # other views: their own everything
-    images = prepared_images(args.work, args.data, args.views, max_images=data.max_images,
-                             train_scale=args.train_scale)
+    data = data_config(args.data, args.views, max_images=8 if args.quick else None, train_scale=args.train_scale,
+                       train_orientations=args.train_orientations)
+    args.work = args.work / _views_folder(args.views, args.train_scale, args.train_orientations)  # other views:
+    images = prepared_images(args.work, args.data, args.views, max_images=data.max_images,  # their own everything
+                             train_scale=args.train_scale, train_orientations=args.train_orientations)
     extract = ExtractConfig(weights=weights, weights_seed=WEIGHTS_SEED, normalisation="auto", device="cpu",
                             batch_size=16)
     plan = [(tap, decoder, weights_id(resolve_tap(tap), weights, WEIGHTS_SEED)) for tap in args.taps
@@ -184,28 +188,30 @@ def weights_setting(pairs: list[str], error=None) -> str | dict[str, str]:
     return {**mapping, "default": "random"}
 
 
-def _views_folder(views: int, train_scale) -> str:
-    """Where runs on other training views than the protocol's (8, scale [1, 1]) keep their
-    images, features and runs; "" (``--work`` itself) for the protocol's."""
+def _views_folder(views: int, train_scale, train_orientations: str = "horizontal") -> str:
+    """Where runs on other training views than the protocol's (8, scale [1, 1], h-flips) keep
+    their images, features and runs; "" (``--work`` itself) for the protocol's."""
     parts = ([] if views == PROTOCOL_VIEWS else [f"views-{views}"]) + \
-        ([] if tuple(train_scale) == (1.0, 1.0) else ["train-scale-{:g}-{:g}".format(*train_scale)])
+        ([] if tuple(train_scale) == (1.0, 1.0) else ["train-scale-{:g}-{:g}".format(*train_scale)]) + \
+        ([] if train_orientations == "horizontal" else [train_orientations])
     return "-".join(parts)
 
 
 def data_config(data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
-                train_scale: tuple[float, float] = (1.0, 1.0)) -> DataConfig:
+                train_scale: tuple[float, float] = (1.0, 1.0), train_orientations: str = "horizontal") -> DataConfig:
     """The benchmark's data section: CBSD68 train/val (20 %), CSet14 + CSet5 test, in place."""
     return DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
                       test_dir=(str(data_root / "CSet14"), str(data_root / "CSet5")),
-                      val_fraction=0.2, train_views=views, max_images=max_images, train_scale=tuple(train_scale))
+                      val_fraction=0.2, train_views=views, max_images=max_images, train_scale=tuple(train_scale),
+                      train_orientations=train_orientations)
 
 
 def prepared_images(work: Path, data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
-                    train_scale: tuple[float, float] = (1.0, 1.0)) -> Path:
+                    train_scale: tuple[float, float] = (1.0, 1.0), train_orientations: str = "horizontal") -> Path:
     """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
     images = work / "images.zarr"
     if not images.exists():
-        prepare_images(data_config(data_root, views, max_images, train_scale), SEED, images)
+        prepare_images(data_config(data_root, views, max_images, train_scale, train_orientations), SEED, images)
     return images
 
 
@@ -228,7 +234,8 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
             "train_precision": result.precision,  # rows without it trained in float32 (the CPU's only mode then)
             "train_weight_decay": recipe.weight_decay,  # rows without it trained without decay
             "train_views": data.train_views,  # rows without it: 8
-            "train_scale": list(data.train_scale)}  # rows without it: [1, 1], the published views
+            "train_scale": list(data.train_scale),  # rows without it: [1, 1], the published views
+            "train_orientations": data.train_orientations}  # rows without it: horizontal
     select_steps = args.select_steps if block1 else args.other_select_steps
     candidates = [REFINE_CANDIDATES[name] for name in args.candidates]
     wanted_steps = args.refine_steps if block1 else args.other_refine_steps

@@ -107,7 +107,7 @@ class _Section:
 # Settings added after artefacts (image stores, checkpoints) were first written, with the value
 # such artefacts were made with: one that does not record the setting was made that way, so a
 # comparison with today's params must not count it as different.
-ADDED_SETTINGS: dict[str, dict[str, Any]] = {"data": {"train_scale": [1.0, 1.0]}}
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {"data": {"train_scale": [1.0, 1.0], "train_orientations": "horizontal"}}
 
 
 def with_added_settings(section: str, recorded: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +134,9 @@ class DataConfig(_Section):
     # Scale augmentation of the training views: each view resizes the image to (resize·s)², s
     # drawn uniformly from [low, high], before its random crop. [1, 1] is the published protocol.
     train_scale: tuple[float, ...] = (1.0, 1.0)
+    # horizontal (the published h-flip, p = 0.5) | dihedral (also turned by k·90°: all 8 symmetries
+    # of the square) — for local decoders, whose windows have no "up", a source of distinct examples.
+    train_orientations: Literal["horizontal", "dihedral"] = "horizontal"
     max_images: int | None = bounded(None, 1)  # cap on source images (quick experiments, tests)
     sample_crops: int = bounded(6, 1)  # sample source: crops taken from each photograph
 

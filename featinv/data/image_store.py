@@ -149,7 +149,7 @@ def prepare_images(
                     crops = [center_crop(resized, cfg.crop)]
                 else:
                     crops = [training_view(rgb, cfg.resize, cfg.crop, cfg.train_scale, view_rng(seed, image.id, v),
-                                           resized) for v in range(views)]
+                                           resized, cfg.train_orientations) for v in range(views)]
                 return crops, pixels_sha.hexdigest(), small
 
             n = len(pools[split]) * views
@@ -190,7 +190,8 @@ def prepare_images(
             "resize": cfg.resize,
             "crop": cfg.crop,
             "interpolation": "bicubic",
-            "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views" + _scale_text(cfg),
+            "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views" + _scale_text(cfg)
+                     + _orientation_text(cfg),
             "eval": f"centre crop {cfg.crop}",
         }
         fingerprint = digest(
@@ -231,6 +232,11 @@ def _scale_text(cfg: DataConfig) -> str:
     every existing store's fingerprint) stays as it was."""
     low, high = cfg.train_scale
     return "" if low == high == 1.0 else f", each view resized to ({cfg.resize}·s)², s ~ U[{low:g}, {high:g}]"
+
+
+def _orientation_text(cfg: DataConfig) -> str:
+    """The turns of the training views in words; empty for the published flips (as _scale_text)."""
+    return "" if cfg.train_orientations == "horizontal" else ", each view turned by k·90°, k ~ U{0..3}"
 
 
 MEAN_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time

@@ -37,6 +37,7 @@ __all__ = [
     "resize_square",
     "center_crop",
     "training_view",
+    "QUARTER_TURNS",
     "random_view",
     "preprocess_eval",
 ]
@@ -141,29 +142,40 @@ def center_crop(rgb: np.ndarray, crop: int) -> np.ndarray:
     return rgb[top : top + crop, left : left + crop]
 
 
-def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    """A random ``crop``×``crop`` window, horizontally flipped with probability 0.5."""
+# The orientations a training view may take (``data.train_orientations``), as the number of
+# quarter turns drawn from: "horizontal" is the published protocol (an h-flip with p = 0.5, no
+# turn); "dihedral" also turns the view by k·90°, k uniform in 0..3 — the 8 symmetries of the square.
+QUARTER_TURNS = {"horizontal": 1, "dihedral": 4}
+
+
+def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator, orientations: str = "horizontal") -> np.ndarray:
+    """A random ``crop``×``crop`` window, horizontally flipped with probability 0.5 and, for
+    ``orientations="dihedral"``, turned by a random multiple of 90° (a further draw, made only then,
+    so horizontal views are the ones featinv has always made)."""
     height, width = rgb.shape[:2]
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
     view = rgb[top : top + crop, left : left + crop]
     if rng.random() < 0.5:
         view = view[:, ::-1]
+    if QUARTER_TURNS[orientations] > 1:
+        view = np.rot90(view, int(rng.integers(0, QUARTER_TURNS[orientations])))
     return np.ascontiguousarray(view)
 
 
 def training_view(rgb: np.ndarray, resize: int, crop: int, scale: tuple[float, float],
-                  rng: np.random.Generator, resized: np.ndarray | None = None) -> np.ndarray:
+                  rng: np.random.Generator, resized: np.ndarray | None = None,
+                  orientations: str = "horizontal") -> np.ndarray:
     """One augmented training view: the image resized to (``resize``·s)², then :func:`random_view`.
 
     ``s`` is drawn uniformly from ``scale`` = (low, high); at (1, 1), the published protocol, no
     draw is made, so such views are the ones featinv has always made.  ``resized``: the image
-    already resized to ``resize``², reused when s = 1.
+    already resized to ``resize``², reused when s = 1.  ``orientations``: see :data:`QUARTER_TURNS`.
     """
     low, high = scale
     size = round(resize * (low if low == high else float(rng.uniform(low, high))))
     base = resized if resized is not None and size == resize else resize_square(rgb, size)
-    return random_view(base, crop, rng)
+    return random_view(base, crop, rng, orientations)
 
 
 def preprocess_eval(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:

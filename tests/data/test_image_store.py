@@ -85,20 +85,28 @@ def test_permission_denied_names_the_fix(tmp_path, monkeypatch):
     assert not out.exists() and not (tmp_path / "images.zarr.partial").exists()
 
 
-def test_scale_augmentation_is_recorded_and_the_published_views_keep_their_fingerprint(tmp_path):
+def test_scale_and_turn_augmentation_are_recorded_and_the_published_views_keep_their_fingerprint(tmp_path):
     cfg = _folders(tmp_path)
     published = prepare_images(cfg, 42, tmp_path / "published.zarr", workers=2)
     again = prepare_images(dataclasses.replace(cfg, train_scale=(1.0, 1.0)), 42, tmp_path / "again.zarr", workers=2)
     scaled = prepare_images(dataclasses.replace(cfg, train_scale=(1.0, 1.5)), 42, tmp_path / "scaled.zarr", workers=2)
-    assert again.fingerprint == published.fingerprint != scaled.fingerprint
+    turned = prepare_images(dataclasses.replace(cfg, train_orientations="dihedral"), 42, tmp_path / "turned.zarr",
+                            workers=2)
+    assert again.fingerprint == published.fingerprint
+    assert len({published.fingerprint, scaled.fingerprint, turned.fingerprint}) == 3
     assert ImageStore(tmp_path / "published.zarr").attrs["preprocessing"]["train"] == "random crop 32 + hflip p=0.5, 2 views"
     scaled_store = ImageStore(tmp_path / "scaled.zarr")
     assert scaled_store.attrs["preprocessing"]["train"].endswith("each view resized to (40·s)², s ~ U[1, 1.5]")
     assert scaled_store.attrs["data"]["train_scale"] == [1.0, 1.5]
+    turned_store = ImageStore(tmp_path / "turned.zarr")
+    assert turned_store.attrs["preprocessing"]["train"] == ("random crop 32 + hflip p=0.5, 2 views, "
+                                                           "each view turned by k·90°, k ~ U{0..3}")
+    assert turned_store.attrs["data"]["train_orientations"] == "dihedral"
     # Evaluation crops do not depend on the training views' scale.
     published_store = ImageStore(tmp_path / "published.zarr")
     for split in ("val", "test"):
         assert (published_store.pixels(split)[:] == scaled_store.pixels(split)[:]).all()
+        assert (published_store.pixels(split)[:] == turned_store.pixels(split)[:]).all()
     assert not (published_store.pixels("train")[:] == scaled_store.pixels("train")[:]).all()
 
 

@@ -159,3 +159,20 @@ def test_scaled_training_views_are_seeded_crops_of_the_image_resized_by_their_sc
     rng = view_rng(42, "img", 0)
     assert np.array_equal(training_view(rgb, 256, 224, (1.5, 1.5), view_rng(42, "img", 0)),
                           random_view(resize_square(rgb, 384), 224, rng))
+
+
+def test_dihedral_views_are_the_horizontal_view_turned_by_a_seeded_quarter_turn():
+    resized = resize_square(photo(500), 256)
+    turns = set()
+    for v in range(24):
+        rng = view_rng(42, "img", v)
+        horizontal = random_view(resized, 224, rng)  # the same crop and flip draws come first
+        k = int(rng.integers(0, 4))
+        turns.add(k)
+        dihedral = random_view(resized, 224, view_rng(42, "img", v), "dihedral")
+        assert np.array_equal(dihedral, np.rot90(horizontal, k)) and dihedral.flags["C_CONTIGUOUS"]
+        assert np.array_equal(dihedral, random_view(resized, 224, view_rng(42, "img", v), "dihedral"))
+    assert turns == {0, 1, 2, 3}
+    # Horizontal views draw nothing more: the published views are unchanged.
+    assert np.array_equal(random_view(resized, 224, view_rng(42, "img", 0), "horizontal"),
+                          random_view(resized, 224, view_rng(42, "img", 0)))

@@ -270,16 +270,21 @@ def test_train_refuses_an_image_store_prepared_with_other_data_params(tiny_confi
 
 def test_a_store_from_before_train_scale_was_recorded_counts_as_the_published_views(tiny_config, tiny_images,
                                                                                    tmp_path):
+    """Image stores made before data.train_scale and data.train_orientations existed made the
+    published views: [1, 1] and horizontal flips."""
     old = tmp_path / "images.zarr"
     shutil.copytree(tiny_images, old)
     group = zarr.open_group(str(old), mode="r+")
     data = dict(group.attrs["data"])
-    del data["train_scale"]
+    del data["train_scale"], data["train_orientations"]
     group.attrs["data"] = data
     check_image_store(tiny_config, ImageStore(old))  # made as [1, 1] makes views: accepted
     scaled = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5)))
     with pytest.raises(StoreMismatchError, match=r"data.train_scale: image store built with \[1.0, 1.0\]"):
         check_image_store(scaled, ImageStore(old))
+    turned = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_orientations="dihedral"))
+    with pytest.raises(StoreMismatchError, match="data.train_orientations: image store built with 'horizontal', params say 'dihedral'"):
+        check_image_store(turned, ImageStore(old))
 
 
 def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, tiny_images, tiny_features, tmp_path):
@@ -331,7 +336,8 @@ def test_weight_decay_shrinks_the_learned_layers_but_not_the_ridge_fit(decoder, 
 def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(tiny_config):
     from featinv.training.model import check_checkpoint
     config = dataclasses.asdict(tiny_config)
-    old = {**config, "data": {k: v for k, v in config["data"].items() if k != "train_scale"}}
+    old = {**config, "data": {k: v for k, v in config["data"].items()
+                              if k not in ("train_scale", "train_orientations")}}
     assert check_checkpoint("old.pt", {"finished": True, "config": old}, config) == []
     scaled = dataclasses.asdict(dataclasses.replace(
         tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5))))
