@@ -37,6 +37,22 @@ def fit_standardisation(feats: Iterable[torch.Tensor], eps: float = 1e-3) -> tup
     return mean.float().view(1, -1, 1, 1), (std.float() + eps).view(1, -1, 1, 1)
 
 
+def _windows(padded: torch.Tensor, rows: torch.Tensor, kernel: int, grid: torch.Size) -> torch.Tensor:
+    """Rows ``rows`` of ``F.unfold(padded, kernel)`` laid out as (N·h·w, C·k²), gathered alone.
+
+    The same values in the same order as unfolding every window and then picking, without
+    building the windows that are not picked: with ``keep`` ≈ 0.1 the full unfold was a third of
+    the warm start's time on trained vgg16/block3 (BENCHMARKS.md).
+    """
+    height, width = grid
+    image, position = rows // (height * width), rows % (height * width)
+    offsets = torch.arange(kernel)
+    top = (position // width)[:, None, None] + offsets[None, :, None]  # (P, k, 1)
+    left = (position % width)[:, None, None] + offsets[None, None, :]  # (P, 1, k)
+    # Advanced indices around a slice put their (P, k, k) dimensions first: (P, k, k, C).
+    return padded[image[:, None, None], :, top, left].permute(0, 3, 1, 2).reshape(len(rows), -1)
+
+
 @torch.no_grad()
 def fit_window_ridge(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -77,10 +93,9 @@ def fit_window_ridge(
         if pixels01.shape[-2:] != size:
             pixels01 = F.interpolate(pixels01, size=size, mode="bilinear", align_corners=False)
         z = F.pad(standardise(feats.float()), [kernel // 2] * 4, mode="constant" if padding == "zeros" else padding)
-        x = F.unfold(z, kernel).transpose(1, 2).reshape(-1, z.shape[1] * kernel * kernel)
-        y = F.pixel_unshuffle(pixels01.float(), factor).flatten(2).transpose(1, 2).reshape(x.shape[0], -1)
-        pick = torch.randperm(x.shape[0], generator=generator)[: max(1, int(x.shape[0] * keep))]
-        x, y = x[pick], y[pick]
+        y = F.pixel_unshuffle(pixels01.float(), factor).flatten(2).transpose(1, 2).flatten(0, 1)
+        pick = torch.randperm(y.shape[0], generator=generator)[: max(1, int(y.shape[0] * keep))]
+        x, y = _windows(z, pick, kernel, feats.shape[-2:]), y[pick]
         parts = [x] + ([extra(x)] if extra is not None else []) + [torch.ones(len(pick), 1)]
         design = torch.cat(parts, dim=1)
         if xtx is None:
