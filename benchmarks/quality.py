@@ -43,6 +43,7 @@ from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, Lo
 from featinv.evaluation.evaluate import _stores_of, evaluate_run, predict_split
 from featinv.store.feature_store import extract_features, store_path
 from featinv.data.image_store import ImageStore, prepare_images
+from featinv.data.images import QUARTER_TURNS
 from featinv.training.model import check_checkpoint, load_checkpoint
 from featinv.presets import PRESETS, preset_overrides
 from featinv.evaluation.refine import choose_refinement
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train-scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("LOW", "HIGH"),
                    help="data.train_scale of the training views (default 1 1, the published protocol); other "
                         "values prepare, extract and train in their own folder under --work")
-    p.add_argument("--train-orientations", default="horizontal", choices=["horizontal", "dihedral"],
+    p.add_argument("--train-orientations", default="horizontal", choices=sorted(QUARTER_TURNS),
                    help="data.train_orientations of the training views (default horizontal, the published h-flip); "
                         "dihedral prepares, extracts and trains in its own folder under --work")
     p.add_argument("--data", type=Path, default=NATURAL)
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     data = data_config(args.data, args.views, max_images=8 if args.quick else None, train_scale=args.train_scale,
                        train_orientations=args.train_orientations)
-    args.work = args.work / _views_folder(args.views, args.train_scale, args.train_orientations)  # other views:
-    images = prepared_images(args.work, args.data, args.views, max_images=data.max_images,  # their own everything
-                             train_scale=args.train_scale, train_orientations=args.train_orientations)
+    args.work = args.work / _views_folder(data)  # other views: their own everything
+    images = prepared_images(args.work, data)
     extract = ExtractConfig(weights=weights, weights_seed=WEIGHTS_SEED, normalisation="auto", device="cpu",
                             batch_size=16)
     plan = [(tap, decoder, weights_id(resolve_tap(tap), weights, WEIGHTS_SEED)) for tap in args.taps
@@ -188,12 +188,12 @@ def weights_setting(pairs: list[str], error=None) -> str | dict[str, str]:
     return {**mapping, "default": "random"}
 
 
-def _views_folder(views: int, train_scale, train_orientations: str = "horizontal") -> str:
+def _views_folder(data: DataConfig) -> str:
     """Where runs on other training views than the protocol's (8, scale [1, 1], h-flips) keep
     their images, features and runs; "" (``--work`` itself) for the protocol's."""
-    parts = ([] if views == PROTOCOL_VIEWS else [f"views-{views}"]) + \
-        ([] if tuple(train_scale) == (1.0, 1.0) else ["train-scale-{:g}-{:g}".format(*train_scale)]) + \
-        ([] if train_orientations == "horizontal" else [train_orientations])
+    parts = ([] if data.train_views == PROTOCOL_VIEWS else [f"views-{data.train_views}"]) + \
+        ([] if tuple(data.train_scale) == (1.0, 1.0) else ["train-scale-{:g}-{:g}".format(*data.train_scale)]) + \
+        ([] if data.train_orientations == "horizontal" else [data.train_orientations])
     return "-".join(parts)
 
 
@@ -206,12 +206,11 @@ def data_config(data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | 
                       train_orientations=train_orientations)
 
 
-def prepared_images(work: Path, data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
-                    train_scale: tuple[float, float] = (1.0, 1.0), train_orientations: str = "horizontal") -> Path:
-    """The benchmark's prepared images (CBSD68 train/val, CSet14 + CSet5 test) under ``work``, made once."""
+def prepared_images(work: Path, data: DataConfig) -> Path:
+    """The benchmark's prepared images (:func:`data_config`) under ``work``, made once."""
     images = work / "images.zarr"
     if not images.exists():
-        prepare_images(data_config(data_root, views, max_images, train_scale, train_orientations), SEED, images)
+        prepare_images(data, SEED, images)
     return images
 
 

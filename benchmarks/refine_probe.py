@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import NATURAL, RESULTS, WORK, machine, table, write_json
-from benchmarks.quality import SEED, WEIGHTS_SEED, prepared_images
+from benchmarks.quality import SEED, WEIGHTS_SEED, data_config, prepared_images
 from featinv.data.image_store import ImageStore
 from featinv.evaluation.metrics import image_metrics
 from featinv.evaluation.refine import refine_images
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=RESULTS / "refine_probe.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    images = prepared_images(args.work, args.data, max_images=args.max_images)
+    images = prepared_images(args.work, data_config(args.data, max_images=args.max_images))
     clean = torch.from_numpy(ImageStore(images).pixels("val")[: args.images]).permute(0, 3, 1, 2).float().div(255)
     noisy = (clean + args.sigma * torch.randn(clean.shape, generator=torch.Generator().manual_seed(SEED))).clamp(0, 1)
     rows = []
