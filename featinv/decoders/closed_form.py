@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fit_standardisation", "fit_window_ridge"]
+__all__ = ["CHUNK_ROWS", "fit_standardisation", "fit_window_ridge"]
+
+CHUNK_ROWS = 8192  # sampled rows per float32 XᵀX product (≤ 8192 × 11,521 × 4 B = 377 MB of design)
 
 
 @torch.no_grad()
@@ -88,6 +90,21 @@ def fit_window_ridge(
     generator = torch.Generator().manual_seed(seed)
     xtx = xty = None
     rows = 0
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # sampled (design, pixels) not yet in XᵀX
+
+    def accumulate() -> None:
+        # One float32 product per ≥ CHUNK_ROWS rows, added into float64 sums. Per batch, a wide
+        # design (block4: 4,609 columns, ~500 rows a batch) spent more time converting and adding
+        # the C²-sized product than computing it.
+        nonlocal xtx, xty
+        design, y = (torch.cat(part) for part in zip(*pending))
+        pending.clear()
+        if xtx is None:
+            xtx = torch.zeros(design.shape[1], design.shape[1], dtype=torch.float64)
+            xty = torch.zeros(design.shape[1], y.shape[1], dtype=torch.float64)
+        xtx += (design.T @ design).double()
+        xty += (design.T @ y).double()
+
     for feats, pixels01 in batches:
         size = (feats.shape[-2] * factor, feats.shape[-1] * factor)
         if pixels01.shape[-2:] != size:
@@ -97,13 +114,12 @@ def fit_window_ridge(
         pick = torch.randperm(y.shape[0], generator=generator)[: max(1, int(y.shape[0] * keep))]
         x, y = _windows(z, pick, kernel, feats.shape[-2:]), y[pick]
         parts = [x] + ([extra(x)] if extra is not None else []) + [torch.ones(len(pick), 1)]
-        design = torch.cat(parts, dim=1)
-        if xtx is None:
-            xtx = torch.zeros(design.shape[1], design.shape[1], dtype=torch.float64)
-            xty = torch.zeros(design.shape[1], y.shape[1], dtype=torch.float64)
-        xtx += (design.T @ design).double()
-        xty += (design.T @ y).double()
+        pending.append((torch.cat(parts, dim=1), y))
         rows += len(pick)
+        if sum(len(p) for p, _ in pending) >= CHUNK_ROWS:
+            accumulate()
+    if pending:
+        accumulate()
     if xtx is None:
         raise ValueError("fit_window_ridge: no training batches")
     lam = ridge * xtx.diagonal().mean()

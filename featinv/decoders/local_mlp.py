@@ -119,6 +119,11 @@ class LocalMLPDecoder(nn.Module):
                 return F.linear(z.float(), self.linear.weight.flatten(1), self.linear.bias)
             return self.linear(z.float())
 
+    @property
+    def ridge_shape(self) -> tuple[int, int]:
+        """(columns, targets) of the warm start's regression: window values + bias → an s×s RGB block."""
+        return self.linear.in_channels * self.kernel**2 + 1, self.linear.out_channels
+
     @torch.no_grad()
     def warm_start(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], keep: float = 0.0625,
                    ridge: float = 1e-4, seed: int = 0) -> dict[str, float]:

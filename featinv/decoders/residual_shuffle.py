@@ -126,6 +126,11 @@ class ResidualShuffleDecoder(nn.Module):
             x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return clamp01_ste(x)
 
+    @property
+    def ridge_shape(self) -> tuple[int, int]:
+        """(columns, targets) of the warm start's regression: windows, random features, bias → a pixel block."""
+        return self.linear[0].in_channels * 9 + self.rf_weight.shape[0] + 1, self.linear[0].out_channels
+
     @torch.no_grad()
     def warm_start(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], keep: float = 0.0625,
                    ridge: float = 1e-4, seed: int = 0) -> dict[str, float]:

@@ -34,7 +34,7 @@ from featinv.encoders.taps import resolve_tap
 from featinv.zarr_utils import remove_tree
 
 __all__ = ["EpochLogger", "TrainResult", "train_decoder", "run_taps", "open_feature_stores", "decoder_inputs",
-           "check_image_store"]
+           "check_image_store", "warm_start_keep"]
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +187,14 @@ def train_decoder(
     start = time.perf_counter()
     if hasattr(model.decoder, "warm_start") and len(specs) == 1:
         # Decoders with a closed-form part fit it first; the time counts towards the budget.
-        # Sample ~WARM_START_ROWS feature positions: enough equations for the unknowns on small
-        # grids (14×14 taps keep every position), affordable on large ones.
         whole = train_batches.whole_maps()
-        positions = whole.n * specs[0].height * specs[0].width
-        keep = min(1.0, max(WARM_START_ROWS / max(positions, 1), 0.02))
+        positions = max(whole.n * specs[0].height * specs[0].width, 1)
+        keep = warm_start_keep(positions, *model.decoder.ridge_shape)
         # The closed-form fit builds its systems on the CPU: fit there, then move back.
         report = model.cpu().decoder.warm_start(_FirstMap(whole), keep=keep, seed=tc.seed)
         model.to(device)
-        log.info("warm start: linear path fitted on %d positions in %.1fs", report["positions"], report["seconds"])
+        log.info("warm start: linear path fitted on %d of %d positions in %.1fs", report["positions"], positions,
+                 report["seconds"])
     epoch = 0
     for epoch in range(1, tc.epochs + 1):
         model.train()
@@ -343,6 +342,23 @@ def _scheduler(optimizer, kind: str, tc, steps: int):
 
 
 WARM_START_ROWS = 400_000
+# The fit's normal equations cost rows × columns × (columns + targets) multiply-adds; 4e12 is ~30 s
+# on this 2-core CPU (130 GMAC/s in float32). It binds only on wide designs: vgg16/block4 (4,609
+# columns → 768 targets) keeps 161 k rows, block5 (→ 3,072 targets) 113 k, ~25 per unknown.
+WARM_START_MACS = 4e12
+
+
+def warm_start_keep(positions: int, columns: int, targets: int) -> float:
+    """Fraction of the training split's feature positions a closed-form warm start samples.
+
+    ~WARM_START_ROWS positions (at least 2 %): enough equations for the unknowns on small grids
+    (14×14 taps keep every position), affordable on large ones; fewer where the design is so wide
+    that its normal equations alone would outgrow WARM_START_MACS and eat the training budget.
+    """
+    rows = min(max(WARM_START_ROWS, 0.02 * positions), WARM_START_MACS / (columns * (columns + targets)))
+    return min(1.0, rows / positions)
+
+
 WARMUP = 0.03  # fraction of training spent warming the learning rate up
 FINAL_LR_FRACTION = 0.01
 

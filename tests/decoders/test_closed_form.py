@@ -4,11 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from featinv.decoders import closed_form
 from featinv.decoders.closed_form import fit_window_ridge
 
 
-@pytest.mark.parametrize("kernel, padding", [(3, "replicate"), (3, "zeros"), (1, "zeros")])
-def test_the_ridge_fit_solves_the_normal_equations_of_the_sampled_windows(kernel, padding):
+@pytest.mark.parametrize("kernel, padding, chunk_rows", [(3, "replicate", 8192), (3, "zeros", 8192), (1, "zeros", 8192),
+                                                        (3, "replicate", 40)])  # 40: products over 2 batches at a time
+def test_the_ridge_fit_solves_the_normal_equations_of_the_sampled_windows(kernel, padding, chunk_rows, monkeypatch):
+    monkeypatch.setattr(closed_form, "CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     factor = 2
     batches = [(torch.randn(2, 4, 6, 5), torch.rand(2, 3, 12, 10)) for _ in range(3)]
@@ -39,3 +42,4 @@ def test_the_ridge_fit_recovers_pixels_that_are_a_linear_function_of_the_window(
     solution, _ = fit_window_ridge(batches, lambda f: f, kernel=3, factor=2, keep=1.0, ridge=1e-8)
     torch.testing.assert_close(solution[:-1].T.reshape_as(weight), weight, atol=1e-4, rtol=0)
     torch.testing.assert_close(solution[-1], torch.full((12,), 0.5), atol=1e-4, rtol=0)
+

@@ -18,7 +18,7 @@ from featinv.errors import ParamsError
 from featinv.store.loader import FeatureBatches, FeatureCrop
 from featinv.decoders import build_decoder
 from featinv.training.model import Reconstructor, load_checkpoint
-from featinv.training.train import _param_groups, train_decoder
+from featinv.training.train import WARM_START_MACS, WARM_START_ROWS, _param_groups, train_decoder, warm_start_keep
 
 
 class _Recorder:
@@ -343,3 +343,14 @@ def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(
         tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5))))
     (problem,) = check_checkpoint("old.pt", {"finished": True, "config": old}, scaled)
     assert "data.train_scale: checkpoint has [1.0, 1.0], params say [1.0, 1.5]" in problem
+
+
+def test_the_warm_start_samples_fewer_positions_only_where_its_normal_equations_would_be_too_costly():
+    # trained vgg16/block1 (64·9 + 1 columns → 12 targets), 544 maps of 112×112: ~WARM_START_ROWS positions
+    assert warm_start_keep(544 * 112 * 112, 577, 12) * 544 * 112 * 112 == pytest.approx(WARM_START_ROWS)
+    # a 14×14 tap with few maps keeps every position
+    assert warm_start_keep(544 * 14 * 14, 577, 768) == 1.0
+    # vgg16/block5 (512·9 + 1 columns → 3·32² targets) on 96 views of 68 images: its cost capped
+    positions = 96 * 68 * 7 * 7
+    rows = warm_start_keep(positions, 4609, 3072) * positions
+    assert rows * 4609 * (4609 + 3072) == pytest.approx(WARM_START_MACS) and rows < positions
