@@ -110,8 +110,9 @@ def prepare_images(
 
     Images whose decoded pixels are identical in train/val and test are
     reported (a warning, and ``attrs["duplicates_across_splits"]``): their test
-    scores are not held out.  Images smaller than ``cfg.resize`` on their shorter
-    side are upsampled; one warning counts them (``attrs["upsampled"]``).
+    scores are not held out.  Images smaller on their shorter side than the size they are
+    resized to (``cfg.resize``; for training views up to ``cfg.resize`` × ``cfg.train_scale[1]``)
+    are upsampled; one warning counts them (``attrs["upsampled"]``).
 
     Raises:
         DataSourceError / BadImageError / ParamsError: from the source; no store is left behind.
@@ -143,7 +144,7 @@ def prepare_images(
                 # Hashed here, where the pixels are already decoded, to spot test leakage.
                 pixels_sha = hashlib.sha256(str(rgb.shape).encode())
                 pixels_sha.update(np.ascontiguousarray(rgb).tobytes())
-                small = min(rgb.shape[:2]) < cfg.resize
+                small = min(rgb.shape[:2]) < _largest_resize(cfg, split)
                 resized = resize_square(rgb, cfg.resize)
                 if split != "train":
                     crops = [center_crop(resized, cfg.crop)]
@@ -199,7 +200,7 @@ def prepare_images(
              "seed": seed, "pixels_sha256": content.hexdigest()}
         )
         duplicates = _duplicates_across_splits(pixel_digests)
-        _warn_about(duplicates, upsampled, cfg.resize, total)
+        _warn_about(duplicates, upsampled, cfg, total)
         with _storage_errors(out):
             group.attrs.update(
                 {
@@ -289,7 +290,17 @@ def _duplicates_across_splits(pixel_digests: dict[str, list[tuple[str, str]]]) -
     ]
 
 
-def _warn_about(duplicates: list[dict[str, str]], upsampled: dict[str, list[str]], resize: int, total: int) -> None:
+def _largest_resize(cfg: DataConfig, split: str) -> int:
+    """The largest side an image of ``split`` is resized to before cropping.
+
+    ``data.resize``; for training views up to ``data.resize`` × ``data.train_scale``'s upper
+    bound, so an image between the two has some of its training views upsampled.
+    """
+    return round(cfg.resize * (cfg.train_scale[1] if split == "train" else 1.0))
+
+
+def _warn_about(duplicates: list[dict[str, str]], upsampled: dict[str, list[str]], cfg: DataConfig,
+                total: int) -> None:
     if duplicates:
         pairs = ", ".join(f"test {d['test']!r} = {d['split']} {d['id']!r}" for d in duplicates[:_SHOWN_IDS])
         log.warning(
@@ -300,11 +311,14 @@ def _warn_about(duplicates: list[dict[str, str]], upsampled: dict[str, list[str]
         )
     small = [image_id for split in SPLITS for image_id in upsampled[split]]
     if small:
+        largest = _largest_resize(cfg, "train")
+        views = (f" (training views: up to data.resize × data.train_scale[1] = {largest}×{largest})"
+                 if largest != cfg.resize else "")
         log.warning(
-            "%d of %d source image(s) have a shorter side below data.resize=%d and were upsampled "
-            "(bicubic) to %d×%d, e.g. %s; their targets are partly interpolation (listed in the "
-            "store attrs 'upsampled')",
-            len(small), total, resize, resize, resize, ", ".join(map(repr, small[:_SHOWN_IDS])),
+            "%d of %d source image(s) have a shorter side below the size they are resized to, "
+            "data.resize=%d%s, and were upsampled (bicubic), e.g. %s; their targets are partly "
+            "interpolation (listed in the store attrs 'upsampled')",
+            len(small), total, cfg.resize, views, ", ".join(map(repr, small[:_SHOWN_IDS])),
         )
 
 

@@ -11,7 +11,8 @@ horizontal flip at p=0.5 (train).
 Because every image is resized to ``data.resize``² before cropping, the only
 size limit is :data:`MIN_SIDE` (32 pixels on the shorter side): anything
 smaller is an icon, and resizing it to 256² would be almost pure
-interpolation.  Images between that and ``data.resize`` are upsampled, which
+interpolation.  Images between that and ``data.resize`` (for training views,
+``data.resize`` × ``data.train_scale``'s upper bound) are upsampled, which
 :func:`featinv.data.image_store.prepare_images` counts and reports once.
 """
 

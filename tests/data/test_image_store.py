@@ -51,6 +51,19 @@ def test_distinct_images_are_not_reported_and_upsampling_is_counted_once(tmp_pat
     assert store.attrs["upsampled"]["test"] == ["fresh"]
 
 
+def test_training_views_scaled_past_an_image_s_size_count_as_upsampled(tmp_path, caplog):
+    # 48 px ≥ data.resize 40, so val/test crops are downsampled; training views reach 40 × 1.5 = 60 px
+    cfg = dataclasses.replace(_folders(tmp_path, size=48), train_scale=(1.0, 1.5))
+    out = tmp_path / "images.zarr"
+    with caplog.at_level(logging.WARNING, logger="featinv.data.image_store"):
+        prepare_images(cfg, 42, out, workers=2)
+    (warning,) = [r.getMessage() for r in caplog.records if "upsampled" in r.getMessage()]
+    store = ImageStore(out)
+    assert store.attrs["upsampled"]["test"] == [] and len(store.attrs["upsampled"]["train"]) > 0
+    flagged = sum(len(ids) for ids in store.attrs["upsampled"].values())
+    assert warning.startswith(f"{flagged} of 6 source image(s)") and "data.train_scale[1] = 60×60" in warning
+
+
 def test_disk_full_is_one_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
     cfg = _folders(tmp_path, n_train=8)
     out = tmp_path / "images.zarr"
