@@ -185,11 +185,15 @@ def train_decoder(
     best_loss, best_epoch, stale, steps, samples_seen = math.inf, 0, 0, 0, 0
     stopped = "epochs"
     start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return tc.max_minutes is not None and time.perf_counter() - start >= tc.max_minutes * 60
+
     if hasattr(model.decoder, "warm_start") and len(specs) == 1:
         # Decoders with a closed-form part fit it first; the time counts towards the budget.
         whole = train_batches.whole_maps()
         positions = max(whole.n * specs[0].height * specs[0].width, 1)
-        keep = warm_start_keep(positions, *model.decoder.ridge_shape)
+        keep = warm_start_keep(positions, getattr(model.decoder, "ridge_shape", None))
         # The closed-form fit builds its systems on the CPU: fit there, then move back.
         report = model.cpu().decoder.warm_start(_FirstMap(whole), keep=keep, seed=tc.seed)
         model.to(device)
@@ -217,6 +221,8 @@ def train_decoder(
             total += float(loss.detach()) * target.shape[0]
             seen += target.shape[0]
             steps += 1
+            if over_budget():  # mid-epoch: a long epoch (many views, a slow step) must not overrun it
+                break
         samples_seen += seen
         val_loss, val_psnr = _validate(model, val_batches, criterion, device, amp_dtype)
         if tc.scheduler == "plateau":
@@ -237,7 +243,7 @@ def train_decoder(
         if stale >= tc.early_stop_patience:
             stopped = "early_stop"
             break
-        if tc.max_minutes is not None and time.perf_counter() - start >= tc.max_minutes * 60:
+        if over_budget():
             stopped = "time_budget"
             break
     seconds = time.perf_counter() - start
@@ -348,14 +354,18 @@ WARM_START_ROWS = 400_000
 WARM_START_MACS = 4e12
 
 
-def warm_start_keep(positions: int, columns: int, targets: int) -> float:
+def warm_start_keep(positions: int, ridge_shape: tuple[int, int] | None) -> float:
     """Fraction of the training split's feature positions a closed-form warm start samples.
 
     ~WARM_START_ROWS positions (at least 2 %): enough equations for the unknowns on small grids
-    (14×14 taps keep every position), affordable on large ones; fewer where the design is so wide
-    that its normal equations alone would outgrow WARM_START_MACS and eat the training budget.
+    (14×14 taps keep every position), affordable on large ones; fewer where the design —
+    ``ridge_shape`` = (columns, targets), when the decoder declares it — is so wide that its
+    normal equations alone would outgrow WARM_START_MACS and eat the training budget.
     """
-    rows = min(max(WARM_START_ROWS, 0.02 * positions), WARM_START_MACS / (columns * (columns + targets)))
+    rows = max(WARM_START_ROWS, 0.02 * positions)
+    if ridge_shape is not None:
+        columns, targets = ridge_shape
+        rows = min(rows, WARM_START_MACS / (columns * (columns + targets)))
     return min(1.0, rows / positions)
 
 

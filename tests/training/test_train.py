@@ -161,6 +161,15 @@ def test_local_mlp_trains_on_feature_windows_with_context(tiny_config, tiny_imag
         train_decoder(too_wide, tiny_images, tiny_features, tmp_path / "run2")
 
 
+def test_a_wall_clock_budget_stops_training_mid_epoch(tiny_config, tiny_images, tiny_features, tmp_path):
+    # 12 training views in batches of 4: 3 steps an epoch; a budget spent by the first step ends the
+    # run there (validated and checkpointed), not after the epoch or the 5 epochs asked for.
+    train = dataclasses.replace(tiny_config.train, epochs=5, max_minutes=1e-9)
+    result = train_decoder(dataclasses.replace(tiny_config, train=train), tiny_images, tiny_features, tmp_path / "run")
+    assert (result.stopped, result.train_steps, result.epochs_run) == ("time_budget", 1, 1)
+    assert load_checkpoint(result.best_checkpoint)[1]["finished"]
+
+
 def test_lpips_loss_offline_is_a_clear_error(tiny_config, tiny_images, tiny_features, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     import featinv.training.losses
@@ -347,10 +356,11 @@ def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(
 
 def test_the_warm_start_samples_fewer_positions_only_where_its_normal_equations_would_be_too_costly():
     # trained vgg16/block1 (64·9 + 1 columns → 12 targets), 544 maps of 112×112: ~WARM_START_ROWS positions
-    assert warm_start_keep(544 * 112 * 112, 577, 12) * 544 * 112 * 112 == pytest.approx(WARM_START_ROWS)
+    assert warm_start_keep(544 * 112 * 112, (577, 12)) * 544 * 112 * 112 == pytest.approx(WARM_START_ROWS)
     # a 14×14 tap with few maps keeps every position
-    assert warm_start_keep(544 * 14 * 14, 577, 768) == 1.0
+    assert warm_start_keep(544 * 14 * 14, (577, 768)) == 1.0
     # vgg16/block5 (512·9 + 1 columns → 3·32² targets) on 96 views of 68 images: its cost capped
     positions = 96 * 68 * 7 * 7
-    rows = warm_start_keep(positions, 4609, 3072) * positions
+    rows = warm_start_keep(positions, (4609, 3072)) * positions
     assert rows * 4609 * (4609 + 3072) == pytest.approx(WARM_START_MACS) and rows < positions
+    assert warm_start_keep(positions, None) == 1.0  # a decoder that does not declare its design: no cap
