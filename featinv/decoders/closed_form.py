@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = ["CHUNK_ROWS", "fit_standardisation", "fit_window_ridge"]
 
-CHUNK_ROWS = 8192  # sampled rows per float32 XᵀX product (≤ 8192 × 11,521 × 4 B = 377 MB of design)
+CHUNK_ROWS = 8192  # sampled rows per float32 XᵀX product (at least; 8192 × 11,521 columns × 4 B = 377 MB)
 
 
 @torch.no_grad()
