@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import run
-from benchmarks.gpu import _Trainer, _amp
+from benchmarks.gpu import _Trainer, _amp, protocol_loss
 from featinv import precision
+from featinv.config import LossConfig
 from featinv.data.image_store import ImageStore
 from featinv.store.feature_store import FeatureStore, store_path
 from featinv.store.loader import FeatureBatches
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(config["device"])
     precision.setup(device)
     pixels = ImageStore(Path(config["images"])).pixels("train")
+    # The study's loss, built once: every cell of this worker shares the frozen LPIPS network.
+    config["criterion"], _ = protocol_loss(LossConfig(**config["loss"]), device)
     mine = [(index, w) for index, w in enumerate(config["windows"]) if args.slot < w["workers"]]
     # Every cell this worker will train, a few steps each before the common start: CUDA's
     # initialisation and cuDNN's autotuning of each cell's shapes would otherwise fall into a window.
@@ -82,14 +85,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _cell(config: dict, window: dict, pixels, slot: int, device: torch.device) -> _Trainer:
-    """A fresh study cell of ``window``: seeded model, Adam, RAM-cached loader, featinv's precision policy."""
+    """A fresh study cell of ``window``: seeded model, Adam, RAM-cached loader, featinv's precision policy and the study's loss."""
     stores = [FeatureStore(store_path(Path(config["features"]), t)) for t in window["taps"]]
     batches = FeatureBatches([s.split("train") for s in stores], pixels, config["batch"], shuffle=True,
                              seed=run.SEED + slot, ram_cache_gb=math.inf, drop_last=True, device=device,
                              device_cache_gb=math.inf if window.get("held_on_device") else 0.0)
     context = (lambda: precision.autocast(device)) if window["precision"] == "policy" else _amp(device, "fp32")
     return _Trainer([s.spec for s in stores], window["decoder"], window["fusion"], batches,
-                    lambda feats, pixels01: decoder_inputs(feats, device), context, device)
+                    lambda feats, pixels01: decoder_inputs(feats, device), context, device,
+                    criterion=config["criterion"])
 
 
 def _wait_for_go(path: Path) -> float:

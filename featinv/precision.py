@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["AMP_DTYPE", "amp_enabled", "autocast", "cpu_computes_bf16", "training_dtype", "autocast_to", "float32",
-           "setup", "channels_last", "pinned", "DeviceCopy"]
+           "setup", "adam_options", "channels_last", "pinned", "DeviceCopy"]
 
 AMP_DTYPE = torch.bfloat16
 
@@ -102,6 +102,16 @@ def setup(device: torch.device | str) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def adam_options(device: torch.device | str) -> dict[str, bool]:
+    """Keyword arguments for ``torch.optim.Adam`` on ``device``: the fused kernel on CUDA, torch's default elsewhere.
+
+    A study cell's step at the published batch of 4 is launch-bound on a GPU, and the fused
+    Adam updates every parameter in one kernel where the default (foreach) launches one per
+    operation and tensor group. On the CPU nothing changes.
+    """
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
 
 
 def channels_last(obj, device: torch.device | str):

@@ -85,6 +85,10 @@ def test_gpu_benchmark_dry_run_writes_every_section(tmp_path):
     pack = sections["pack"]  # K cells sharing the device: every window trained and was judged
     assert [(r["workers"], _positive(r["samples_per_s"]), isinstance(r["valid"], bool)) for r in pack["rows"]] == \
         [(1, True, True), (2, True, True)]
+    # The study and its pack are timed with the published loss, LPIPS included (its AlexNet random
+    # where the trained one is missing, and the results say which).
+    for timed in (pack, sections["study"]["protocol"]):
+        assert timed["loss"] == {"mse": 0.5, "lpips": 0.5} and timed["lpips_alexnet"]
     study = sections["study"]
     assert study["packed"] is None or _positive(study["packed"]["hours"])  # None: no valid pack window here
     assert study["runs"] == 44 and study["measured_runs"] == 1 and study["extrapolated"] is True

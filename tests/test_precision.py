@@ -76,6 +76,27 @@ def test_helpers_change_nothing_off_cuda():
     assert torch.backends.cudnn.benchmark == before
 
 
+def test_adam_is_fused_on_cuda_only():
+    """The study's step is launch-bound on a GPU: Adam's fused kernel there; torch's default elsewhere."""
+    assert precision.adam_options("cpu") == {} and precision.adam_options(torch.device("cpu")) == {}
+    assert precision.adam_options("cuda") == {"fused": True} == precision.adam_options("cuda:1")
+    params = [nn.Parameter(torch.ones(3))]
+    assert torch.optim.Adam(params, **precision.adam_options("cpu")).defaults["fused"] in (None, False)
+
+
+def test_the_loss_uses_an_lpips_network_it_is_given():
+    """ReconstructionLoss(cfg, lpips_net=…): that network's score, weighted, beside the MSE."""
+
+    class Constant(nn.Module):
+        def forward(self, a, b):
+            return torch.full((a.shape[0], 1, 1, 1), 0.25)
+
+    pred01, target01 = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)
+    loss, parts = ReconstructionLoss(LossConfig(mse=0.5, lpips=0.5), lpips_net=Constant())(pred01, target01)
+    assert parts == {"mse": 0.25, "lpips": 0.25} and float(loss) == pytest.approx(0.25)
+    assert ReconstructionLoss(LossConfig(mse=1.0), lpips_net=Constant()).lpips is None  # weight 0: not used
+
+
 def _batches(store, pixels, **kwargs):
     return FeatureBatches([store.split("train")], pixels, 4, shuffle=True, seed=3, drop_last=True, **kwargs)
 

@@ -70,7 +70,9 @@ class ChannelAttention(nn.Module):
 
     def forward(self, feats_nchw: torch.Tensor) -> torch.Tensor:
         avg = self.mlp(F.adaptive_avg_pool2d(feats_nchw, 1))
-        peak = self.mlp(F.adaptive_max_pool2d(feats_nchw, 1))
+        # A reduction, not F.adaptive_max_pool2d(·, 1): on CUDA with channels_last input that
+        # kernel took a quarter of this decoder's training step (BENCHMARKS.md, "GPU figures, run 4").
+        peak = self.mlp(feats_nchw.amax(dim=(2, 3), keepdim=True))
         return feats_nchw * torch.sigmoid(avg + peak)
 
 

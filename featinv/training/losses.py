@@ -85,14 +85,20 @@ def lpips_available() -> bool:
 class ReconstructionLoss(nn.Module):
     """Weighted sum of pixel losses; ``forward`` returns the total and its named parts.
 
+    Args:
+        cfg: the terms' weights.
+        lpips_net: the LPIPS network to use instead of :func:`load_lpips`'s (the GPU benchmark
+            times the loss with a random-weight AlexNet of the same cost where the trained one
+            cannot be loaded; training never passes one).
+
     Raises (on construction):
         WeightsUnavailableError: ``lpips`` > 0 but LPIPS cannot be loaded.
     """
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, lpips_net: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.lpips = load_lpips() if cfg.lpips > 0 else None
+        self.lpips = (lpips_net if lpips_net is not None else load_lpips()) if cfg.lpips > 0 else None
 
     def forward(self, pred01: torch.Tensor, target01: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         parts: dict[str, torch.Tensor] = {}

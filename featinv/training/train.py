@@ -156,7 +156,8 @@ def train_decoder(
     val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
                                  ram_cache_gb=tc.ram_cache_gb, device=device, device_cache_gb=device_cache_gb)
-    optimizer = torch.optim.Adam(_param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr)
+    optimizer = torch.optim.Adam(_param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr,
+                                 **precision.adam_options(device))
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
     meta = {

@@ -72,6 +72,17 @@ def test_haar_dwt_rejects_odd_size() -> None:
         haar_dwt(torch.rand(1, 3, 7, 8))
 
 
+def test_frequency_aware_channel_gate_is_cbams() -> None:
+    """The gate takes each channel's global max (a reduction, not adaptive_max_pool2d): CBAM's avg+max gate."""
+    from featinv.decoders.frequency_aware import ChannelAttention
+
+    torch.manual_seed(0)
+    gate = ChannelAttention(32)
+    x = torch.randn(2, 32, 9, 7).contiguous(memory_format=torch.channels_last)
+    cbam = x * torch.sigmoid(gate.mlp(F.adaptive_avg_pool2d(x, 1)) + gate.mlp(F.adaptive_max_pool2d(x, 1)))
+    torch.testing.assert_close(gate(x), cbam)
+
+
 def test_unknown_decoder_lists_valid_names() -> None:
     with pytest.raises(UnknownNameError) as excinfo:
         build_decoder("no_such_decoder", (64, 56, 56))
