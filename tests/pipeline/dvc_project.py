@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-COPY = ["dvc.yaml", "params.yaml", "featinv", "pipeline", "study/dvc.yaml", ".dvc/config", ".gitignore"]
+COPY = ["dvc.yaml", "params.yaml", "featinv", "pipeline", "study/dvc.yaml", ".dvc/config", ".gitignore", ".dvcignore"]
 
 
 def run_cmd(args: list[str], cwd: Path, env: dict, stdout_only: bool = False) -> str:
