@@ -130,6 +130,21 @@ def test_quality_weights_flag_and_rows_keyed_by_weights(tmp_path):
     assert kept == [{**old, "weights": quality.RANDOM_ID}]
 
 
+def test_quality_loss_flag_changes_featinvs_decoders_only():
+    """`--loss l1` trains featinv's decoders on L1 (recorded per row); the published decoder keeps its recipe."""
+    import argparse
+
+    from benchmarks import quality
+    from featinv.config import LossConfig
+
+    args = argparse.Namespace(loss="l1", weight_decay=0.0, other_weight_decay=1e-5)
+    assert quality.train_recipe("local_mlp", "vgg16/block1", args).loss == LossConfig(mse=0.0, l1=1.0)
+    assert quality.train_recipe("local_mlp", "vgg16/block3", args).weight_decay == 1e-5
+    assert quality.train_recipe("transposed_conv", "vgg16/block1", args) is quality.PUBLISHED
+    args.loss = "recipe"
+    assert quality.train_recipe("local_mlp", "vgg16/block1", args).loss == quality.LOCAL_MLP.loss
+
+
 def test_pack_speedups_count_only_windows_whose_workers_shared_the_device():
     """A pack window whose slowest worker began counting late measured no sharing: it gives no speedup."""
     from benchmarks import gpu
