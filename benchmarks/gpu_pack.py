@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     precision.setup(device)
     pixels = ImageStore(Path(config["images"])).pixels("train")
     # The study's loss, built once: every cell of this worker shares the frozen LPIPS network.
-    config["criterion"], _ = protocol_loss(LossConfig(**config["loss"]), device)
+    criterion, _ = protocol_loss(LossConfig(**config["loss"]), device)
     mine = [(index, w) for index, w in enumerate(config["windows"]) if args.slot < w["workers"]]
     # Every cell this worker will train, a few steps each before the common start: CUDA's
     # initialisation and cuDNN's autotuning of each cell's shapes would otherwise fall into a window.
     for window in {(tuple(w["taps"]), w["decoder"], w["fusion"], w["precision"]): w for _, w in mine}.values():
-        trainer = _cell(config, window, pixels, args.slot, device)
+        trainer = _cell(config, window, pixels, args.slot, device, criterion)
         try:
             for _ in range(config["warm_steps"]):
                 trainer.step()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for index, window in mine:
         _sleep_until(start + window["warm_at"])
-        trainer = _cell(config, window, pixels, args.slot, device)
+        trainer = _cell(config, window, pixels, args.slot, device, criterion)
         try:
             while time.time() < start + window["measure_at"]:
                 trainer.step()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     (folder / f"result-{args.slot}.json").write_text(json.dumps(results))
 
 
-def _cell(config: dict, window: dict, pixels, slot: int, device: torch.device) -> _Trainer:
+def _cell(config: dict, window: dict, pixels, slot: int, device: torch.device, criterion) -> _Trainer:
     """A fresh study cell of ``window``: seeded model, Adam, RAM-cached loader, featinv's precision policy and the study's loss."""
     stores = [FeatureStore(store_path(Path(config["features"]), t)) for t in window["taps"]]
     batches = FeatureBatches([s.split("train") for s in stores], pixels, config["batch"], shuffle=True,
@@ -93,7 +93,7 @@ def _cell(config: dict, window: dict, pixels, slot: int, device: torch.device) -
     context = (lambda: precision.autocast(device)) if window["precision"] == "policy" else _amp(device, "fp32")
     return _Trainer([s.spec for s in stores], window["decoder"], window["fusion"], batches,
                     lambda feats, pixels01: decoder_inputs(feats, device), context, device,
-                    criterion=config["criterion"])
+                    criterion=criterion)
 
 
 def _wait_for_go(path: Path) -> float:

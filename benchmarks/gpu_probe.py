@@ -4,13 +4,13 @@ One cell's training step as the study trains it (batch 4, bf16 autocast, channel
 Adam as ``featinv.precision`` sets it up, the loss's per-step host sync), on synthetic features
 of vgg16/block1 and block3, for the four published decoders.
 
-    python benchmarks/gpu_probe.py      # rates with MSE alone vs the published 0.5·MSE + 0.5·LPIPS,
+    python -m benchmarks.gpu_probe      # rates with MSE alone vs the published 0.5·MSE + 0.5·LPIPS,
                                         # variants of the ×2 upsampling, profiles → $OUT (or /tmp)
-    python benchmarks/gpu_probe.py ab   # the shipped step vs foreach Adam and the old
+    python -m benchmarks.gpu_probe ab   # the shipped step vs foreach Adam and the old
                                         # adaptive_max_pool2d channel gate, two interleaved rounds
 
-LPIPS runs with a random-weight AlexNet (lpips' ``pnet_rand``): the trained one cannot be
-downloaded on the GPU machine, and the weights do not change the cost. On a CPU it runs at toy
+The loss is ``benchmarks.gpu.protocol_loss``'s: on the GPU machine LPIPS runs with a random-weight
+AlexNet (the trained one cannot be downloaded there, and the weights do not change the cost). On a CPU it runs at toy
 step counts (a smoke run, not a measurement).
 """
 from __future__ import annotations
@@ -24,12 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.gpu import protocol_loss
 from featinv import precision
+from featinv.config import LossConfig
 from featinv.decoders import frequency_aware as fa
 from featinv.encoders.taps import TAPS
 from featinv.training.model import build_reconstructor
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# "mse": what runs 1-3 timed the study with; "paper": the published 0.5·MSE + 0.5·LPIPS(AlexNet)
+LOSSES = {"mse": LossConfig(mse=1.0), "paper": LossConfig(mse=0.5, lpips=0.5)}
 QUICK = DEV.type != "cuda"
 
 
@@ -50,21 +54,6 @@ class Up2(nn.Module):
         return up2_separable(x)
 
 
-class Lpips(nn.Module):
-    def __init__(self):
-        super().__init__()
-        import contextlib
-        import io
-        import lpips
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, pred01, target01):
-        return self.net(pred01 * 2 - 1, target01 * 2 - 1).mean()
-
-
 def build(tap: str, decoder: str, variant: str):
     torch.manual_seed(0)
     model = build_reconstructor([TAPS.get(tap)], decoder, None, 224).to(DEV)
@@ -80,7 +69,7 @@ def step_fn(tap, decoder, loss, variant):
     model = build(tap, decoder, variant).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4,
                            **({} if variant == "foreach" else precision.adam_options(DEV)))
-    lp = Lpips().to(DEV) if loss == "paper" else None
+    criterion, _ = protocol_loss(LOSSES[loss], DEV)
     c, h, w = TAPS.get(tap).shape
     g = torch.Generator(device="cpu").manual_seed(0)
     feats = torch.randn(4, c, h, w, generator=g).to(DEV)
@@ -91,12 +80,7 @@ def step_fn(tap, decoder, loss, variant):
     def step():
         with precision.autocast(DEV):
             pred = model([feats])
-        pred = pred.float()
-        parts = {"mse": F.mse_loss(pred, target)}
-        if lp is not None:
-            parts["lpips"] = lp(pred, target)
-        total = sum((0.5 if lp is not None else 1.0) * v for v in parts.values())
-        {k: float(v.detach()) for k, v in parts.items()}  # the per-step sync ReconstructionLoss does
+        total, _ = criterion(pred.float(), target)  # with its per-step sync, as training has it
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
