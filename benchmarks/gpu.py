@@ -889,7 +889,7 @@ def loss_note(cfg: LossConfig) -> dict:
     if cfg.lpips > 0:
         alexnet = "trained (torchvision)" if lpips_available() else \
             "random weights (the trained ones are not on this machine; the same cost)"
-    return {"loss": {k: v for k, v in dataclasses.asdict(cfg).items() if v}, "lpips_alexnet": alexnet}
+    return {"loss": cfg.in_use(), "lpips_alexnet": alexnet}
 
 
 def _amp(device: torch.device, prec: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -107,12 +107,24 @@ class _Section:
 # Settings added after artefacts (image stores, checkpoints) were first written, with the value
 # such artefacts were made with: one that does not record the setting was made that way, so a
 # comparison with today's params must not count it as different.
-ADDED_SETTINGS: dict[str, dict[str, Any]] = {"data": {"train_scale": [1.0, 1.0], "train_orientations": "horizontal"}}
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {
+    "data": {"train_scale": [1.0, 1.0], "train_orientations": "horizontal"},
+    "train": {"loss": {"log_mse": 0.0, "log_mse_floor": 1e-4}},
+}
 
 
 def with_added_settings(section: str, recorded: Mapping[str, Any]) -> dict[str, Any]:
     """A section as an artefact recorded it, with the settings it predates at their old values."""
-    return {**ADDED_SETTINGS.get(section, {}), **recorded}
+    return _merged(ADDED_SETTINGS.get(section, {}), recorded)
+
+
+def _merged(added: Mapping[str, Any], recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """``recorded`` over ``added``, nested sections merged key by key (``train.loss.log_mse``)."""
+    out = dict(added)
+    for key, value in recorded.items():
+        out[key] = _merged(added[key], value) if isinstance(value, Mapping) and isinstance(added.get(key), Mapping) \
+            else value
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +204,25 @@ class LossConfig(_Section):
     mse: float = bounded(1.0, 0.0)
     lpips: float = bounded(0.0, 0.0)  # LPIPS(AlexNet); needs torchvision's pretrained AlexNet
     l1: float = bounded(0.0, 0.0)
+    # Mean over samples of ln(1 + MSE of the sample / log_mse_floor): on whole images the mean
+    # per-image PSNR that evaluation reports (up to scale and an offset), so a badly fitted image
+    # cannot outweigh many well fitted ones as it does under MSE. Below the floor a sample's term
+    # is MSE-like; 1e-4 is 40 dB.
+    log_mse: float = bounded(0.0, 0.0)
+    log_mse_floor: float = bounded(1e-4, 0.0, low_open=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mse + self.lpips + self.l1 <= 0:
-            raise ParamsError("`train.loss`: mse, lpips and l1 are all 0, so nothing would be trained; "
+        if self.mse + self.lpips + self.l1 + self.log_mse <= 0:
+            raise ParamsError("`train.loss`: mse, lpips, l1 and log_mse are all 0, so nothing would be trained; "
                               "set at least one > 0 (e.g. mse: 1.0)")
+
+    def in_use(self) -> dict[str, float]:
+        """The terms weighted > 0, with log_mse's floor where log_mse is one of them: what a run trains on."""
+        used = {k: v for k, v in dataclasses.asdict(self).items() if v and k != "log_mse_floor"}
+        if self.log_mse:
+            used["log_mse_floor"] = self.log_mse_floor
+        return used
 
 
 @dataclasses.dataclass(frozen=True)

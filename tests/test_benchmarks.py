@@ -141,6 +141,8 @@ def test_quality_loss_flag_changes_featinvs_decoders_only():
     assert quality.train_recipe("local_mlp", "vgg16/block1", args).loss == LossConfig(mse=0.0, l1=1.0)
     assert quality.train_recipe("local_mlp", "vgg16/block3", args).weight_decay == 1e-5
     assert quality.train_recipe("transposed_conv", "vgg16/block1", args) is quality.PUBLISHED
+    args.loss = "log_mse"
+    assert quality.train_recipe("local_mlp", "vgg16/block1", args).loss == LossConfig(mse=0.0, log_mse=1.0)
     args.loss = "recipe"
     assert quality.train_recipe("local_mlp", "vgg16/block1", args).loss == quality.LOCAL_MLP.loss
 

@@ -80,6 +80,7 @@ def test_missing_and_malformed_params_file(tmp_path):
         ("train.samples_per_epoch=0", "`train.samples_per_epoch` = 0 must be ≥ 1"),
         ("train.loss.lpips=-0.5", "`train.loss.lpips` = -0.5 must be ≥ 0"),
         ("train.loss.mse=0", "nothing would be trained"),
+        ("train.loss.log_mse_floor=0", "`train.loss.log_mse_floor` = 0.0 must be > 0"),
         ("data.train_views=0", "`data.train_views` = 0 must be ≥ 1"),
         ("data.resize=0", "`data.resize` = 0 must be ≥ 1"),
         ("data.resize=200", "`data.crop` = 224 must not exceed `data.resize` = 200"),

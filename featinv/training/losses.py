@@ -1,4 +1,5 @@
-"""The reconstruction loss: ``mse``·MSE + ``l1``·L1 + ``lpips``·LPIPS(AlexNet), on pixels in [0, 1].
+"""The reconstruction loss: ``mse``·MSE + ``l1``·L1 + ``log_mse``·mean ln(1 + MSE/floor) +
+``lpips``·LPIPS(AlexNet), on pixels in [0, 1].
 
 LPIPS (Zhang et al., "The Unreasonable Effectiveness of Deep Features as a
 Perceptual Metric", CVPR 2018) needs torchvision's pretrained AlexNet; when it
@@ -106,6 +107,9 @@ class ReconstructionLoss(nn.Module):
             parts["mse"] = F.mse_loss(pred01, target01)
         if self.cfg.l1 > 0:
             parts["l1"] = F.l1_loss(pred01, target01)
+        if self.cfg.log_mse > 0:
+            per_sample = (pred01 - target01).pow(2).flatten(1).mean(1)
+            parts["log_mse"] = torch.log1p(per_sample / self.cfg.log_mse_floor).mean()
         if self.lpips is not None:
             self.lpips.to(pred01.device)
             parts["lpips"] = self.lpips(pred01 * 2 - 1, target01 * 2 - 1).mean()

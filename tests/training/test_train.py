@@ -354,6 +354,18 @@ def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(
     assert "data.train_scale: checkpoint has [1.0, 1.0], params say [1.0, 1.5]" in problem
 
 
+def test_a_checkpoint_from_before_the_log_mse_loss_trained_without_it(tiny_config):
+    from featinv.training.model import check_checkpoint
+    config = dataclasses.asdict(tiny_config)
+    loss = {k: v for k, v in config["train"]["loss"].items() if not k.startswith("log_mse")}
+    old = {**config, "train": {**config["train"], "loss": loss}}
+    assert check_checkpoint("old.pt", {"finished": True, "config": old}, config) == []
+    with_log = dataclasses.asdict(dataclasses.replace(tiny_config, train=dataclasses.replace(
+        tiny_config.train, loss=dataclasses.replace(tiny_config.train.loss, log_mse=1.0))))
+    (problem,) = check_checkpoint("old.pt", {"finished": True, "config": old}, with_log)
+    assert "train.loss.log_mse: checkpoint has 0.0, params say 1.0" in problem
+
+
 def test_the_warm_start_samples_fewer_positions_only_where_its_normal_equations_would_be_too_costly():
     # trained vgg16/block1 (64·9 + 1 columns → 12 targets), 544 maps of 112×112: ~WARM_START_ROWS positions
     assert warm_start_keep(544 * 112 * 112, (577, 12)) * 544 * 112 * 112 == pytest.approx(WARM_START_ROWS)
