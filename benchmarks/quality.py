@@ -43,7 +43,7 @@ from featinv.config import Config, DataConfig, EvaluateConfig, ExtractConfig, Lo
 from featinv.evaluation.evaluate import _stores_of, evaluate_run, predict_split
 from featinv.store.feature_store import extract_features, store_path
 from featinv.data.image_store import ImageStore, prepare_images
-from featinv.data.images import QUARTER_TURNS
+from featinv.data.images import CHANNEL_SHUFFLE_PROBABILITY, QUARTER_TURNS
 from featinv.training.model import check_checkpoint, load_checkpoint
 from featinv.presets import PRESETS, preset_overrides
 from featinv.evaluation.refine import choose_refinement
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--train-orientations", default="horizontal", choices=sorted(QUARTER_TURNS),
                    help="data.train_orientations of the training views (default horizontal, the published h-flip); "
                         "dihedral prepares, extracts and trains in its own folder under --work")
+    p.add_argument("--train-channel-orders", default="rgb", choices=sorted(CHANNEL_SHUFFLE_PROBABILITY),
+                   help="data.train_channel_orders of the training views (default rgb, the published colours); "
+                        "shuffled prepares, extracts and trains in its own folder under --work")
     p.add_argument("--data", type=Path, default=NATURAL)
     p.add_argument("--work", type=Path, default=WORK / "quality")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.other_refine_steps, args.other_select_steps = 5, 2
 
     data = data_config(args.data, args.views, max_images=8 if args.quick else None, train_scale=args.train_scale,
-                       train_orientations=args.train_orientations)
+                       train_orientations=args.train_orientations, train_channel_orders=args.train_channel_orders)
     args.work = args.work / _views_folder(data)  # other views: their own everything
     images = prepared_images(args.work, data)
     extract = ExtractConfig(weights=weights, weights_seed=WEIGHTS_SEED, normalisation="auto", device="cpu",
@@ -203,17 +206,19 @@ def _views_folder(data: DataConfig) -> str:
     their images, features and runs; "" (``--work`` itself) for the protocol's."""
     parts = ([] if data.train_views == PROTOCOL_VIEWS else [f"views-{data.train_views}"]) + \
         ([] if tuple(data.train_scale) == (1.0, 1.0) else ["train-scale-{:g}-{:g}".format(*data.train_scale)]) + \
-        ([] if data.train_orientations == "horizontal" else [data.train_orientations])
+        ([] if data.train_orientations == "horizontal" else [data.train_orientations]) + \
+        ([] if data.train_channel_orders == "rgb" else [f"channels-{data.train_channel_orders}"])
     return "-".join(parts)
 
 
 def data_config(data_root: Path, views: int = PROTOCOL_VIEWS, max_images: int | None = None,
-                train_scale: tuple[float, float] = (1.0, 1.0), train_orientations: str = "horizontal") -> DataConfig:
+                train_scale: tuple[float, float] = (1.0, 1.0), train_orientations: str = "horizontal",
+                train_channel_orders: str = "rgb") -> DataConfig:
     """The benchmark's data section: CBSD68 train/val (20 %), CSet14 + CSet5 test, in place."""
     return DataConfig(source="folder", train_dir=str(data_root / "CBSD68"),
                       test_dir=(str(data_root / "CSet14"), str(data_root / "CSet5")),
                       val_fraction=0.2, train_views=views, max_images=max_images, train_scale=tuple(train_scale),
-                      train_orientations=train_orientations)
+                      train_orientations=train_orientations, train_channel_orders=train_channel_orders)
 
 
 def prepared_images(work: Path, data: DataConfig) -> Path:
@@ -254,7 +259,8 @@ def _bench(tap, decoder, wid, recipe, minutes, images, data, features, extract, 
             "train_loss": recipe.loss.in_use(),
             "train_views": data.train_views,  # rows without it: 8
             "train_scale": list(data.train_scale),  # rows without it: [1, 1], the published views
-            "train_orientations": data.train_orientations}  # rows without it: horizontal
+            "train_orientations": data.train_orientations,  # rows without it: horizontal
+            "train_channel_orders": data.train_channel_orders}  # rows without it: rgb
     select_steps = args.select_steps if block1 else args.other_select_steps
     candidates = [REFINE_CANDIDATES[name] for name in args.candidates]
     wanted_steps = args.refine_steps if block1 else args.other_refine_steps

@@ -108,7 +108,7 @@ class _Section:
 # such artefacts were made with: one that does not record the setting was made that way, so a
 # comparison with today's params must not count it as different.
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    "data": {"train_scale": [1.0, 1.0], "train_orientations": "horizontal"},
+    "data": {"train_scale": [1.0, 1.0], "train_orientations": "horizontal", "train_channel_orders": "rgb"},
     "train": {"loss": {"log_mse": 0.0, "log_mse_floor": 1e-4}},
 }
 
@@ -149,6 +149,9 @@ class DataConfig(_Section):
     # horizontal (the published h-flip, p = 0.5) | dihedral (also turned by k·90°: all 8 symmetries
     # of the square) — for local decoders, whose windows have no "up", a source of distinct examples.
     train_orientations: Literal["horizontal", "dihedral"] = "horizontal"
+    # rgb (the published colours) | shuffled (half the views get one of the 5 other orders of R, G,
+    # B) — colours the training photographs rarely show, for decoders of shallow taps.
+    train_channel_orders: Literal["rgb", "shuffled"] = "rgb"
     max_images: int | None = bounded(None, 1)  # cap on source images (quick experiments, tests)
     sample_crops: int = bounded(6, 1)  # sample source: crops taken from each photograph
 

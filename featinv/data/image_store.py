@@ -28,7 +28,7 @@ import numpy as np
 
 from featinv.config import DataConfig
 from featinv.errors import DataSourceError, ParamsError, StorageError, StoreIncompleteError
-from featinv.data.images import center_crop, display_path, resize_square, training_view, view_rng
+from featinv.data.images import CHANNEL_SHUFFLE_PROBABILITY, center_crop, display_path, resize_square, training_view, view_rng
 from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
@@ -150,7 +150,8 @@ def prepare_images(
                     crops = [center_crop(resized, cfg.crop)]
                 else:
                     crops = [training_view(rgb, cfg.resize, cfg.crop, cfg.train_scale, view_rng(seed, image.id, v),
-                                           resized, cfg.train_orientations) for v in range(views)]
+                                           resized, cfg.train_orientations, cfg.train_channel_orders)
+                             for v in range(views)]
                 return crops, pixels_sha.hexdigest(), small
 
             n = len(pools[split]) * views
@@ -192,7 +193,7 @@ def prepare_images(
             "crop": cfg.crop,
             "interpolation": "bicubic",
             "train": f"random crop {cfg.crop} + hflip p=0.5, {cfg.train_views} views" + _scale_text(cfg)
-                     + _orientation_text(cfg),
+                     + _orientation_text(cfg) + _channel_order_text(cfg),
             "eval": f"centre crop {cfg.crop}",
         }
         fingerprint = digest(
@@ -238,6 +239,12 @@ def _scale_text(cfg: DataConfig) -> str:
 def _orientation_text(cfg: DataConfig) -> str:
     """The turns of the training views in words; empty for the published flips (as _scale_text)."""
     return "" if cfg.train_orientations == "horizontal" else ", each view turned by k·90°, k ~ U{0..3}"
+
+
+def _channel_order_text(cfg: DataConfig) -> str:
+    """The channel orders of the training views in words; empty for the published R, G, B (as _scale_text)."""
+    p = CHANNEL_SHUFFLE_PROBABILITY[cfg.train_channel_orders]
+    return "" if p == 0 else f", channels put in one of the 5 other orders with p={p:g}"
 
 
 MEAN_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time

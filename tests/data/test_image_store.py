@@ -2,9 +2,11 @@
 
 import dataclasses
 import errno
+import itertools
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import zarr
 
@@ -121,6 +123,25 @@ def test_scale_and_turn_augmentation_are_recorded_and_the_published_views_keep_t
         assert (published_store.pixels(split)[:] == scaled_store.pixels(split)[:]).all()
         assert (published_store.pixels(split)[:] == turned_store.pixels(split)[:]).all()
     assert not (published_store.pixels("train")[:] == scaled_store.pixels("train")[:]).all()
+
+
+def test_shuffled_channel_orders_are_recorded_and_change_only_training_views(tmp_path):
+    cfg = _folders(tmp_path)
+    published = prepare_images(cfg, 42, tmp_path / "published.zarr", workers=2)
+    shuffled = prepare_images(dataclasses.replace(cfg, train_channel_orders="shuffled"), 42, tmp_path / "shuffled.zarr",
+                              workers=2)
+    assert shuffled.fingerprint != published.fingerprint
+    store, before = ImageStore(tmp_path / "shuffled.zarr"), ImageStore(tmp_path / "published.zarr")
+    assert store.attrs["preprocessing"]["train"] == ("random crop 32 + hflip p=0.5, 2 views, "
+                                                     "channels put in one of the 5 other orders with p=0.5")
+    assert store.attrs["data"]["train_channel_orders"] == "shuffled"
+    for split in ("val", "test"):
+        assert (store.pixels(split)[:] == before.pixels(split)[:]).all()
+    # Each training view is the published one (same crop and flip), its channels reordered or not.
+    new, old = store.pixels("train")[:], before.pixels("train")[:]
+    assert all(any(np.array_equal(n, o[..., list(order)]) for order in itertools.permutations(range(3)))
+               for n, o in zip(new, old))
+    assert not (new == old).all()
 
 
 @pytest.mark.parametrize("scale, message", [

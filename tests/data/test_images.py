@@ -11,6 +11,7 @@ from PIL import Image
 from featinv.errors import BadImageError
 from featinv.data.images import (
     MIN_SIDE,
+    OTHER_CHANNEL_ORDERS,
     center_crop,
     display_path,
     preprocess_eval,
@@ -176,3 +177,20 @@ def test_dihedral_views_are_the_horizontal_view_turned_by_a_seeded_quarter_turn(
     # Horizontal views draw nothing more: the published views are unchanged.
     assert np.array_equal(random_view(resized, 224, view_rng(42, "img", 0), "horizontal"),
                           random_view(resized, 224, view_rng(42, "img", 0)))
+
+
+def test_shuffled_views_are_the_published_view_with_half_of_them_in_another_channel_order():
+    rgb = photo(500)
+    resized = resize_square(rgb, 256)
+    orders = []
+    for v in range(64):
+        published = training_view(rgb, 256, 224, (1.0, 1.0), view_rng(42, "img", v), resized)
+        shuffled = training_view(rgb, 256, 224, (1.0, 1.0), view_rng(42, "img", v), resized, channel_orders="shuffled")
+        assert np.array_equal(shuffled, training_view(rgb, 256, 224, (1.0, 1.0), view_rng(42, "img", v), resized,
+                                                      channel_orders="shuffled"))  # seeded
+        # The same crop and flip (drawn first), its channels in one of the 6 orders.
+        order = next(o for o in [(0, 1, 2), *OTHER_CHANNEL_ORDERS] if np.array_equal(shuffled, published[..., list(o)]))
+        orders.append(order)
+        assert shuffled.flags["C_CONTIGUOUS"]
+    assert set(orders) == {(0, 1, 2), *OTHER_CHANNEL_ORDERS}  # every order occurs
+    assert 16 <= orders.count((0, 1, 2)) <= 48  # about half keep R, G, B

@@ -285,7 +285,7 @@ def test_a_store_from_before_train_scale_was_recorded_counts_as_the_published_vi
     shutil.copytree(tiny_images, old)
     group = zarr.open_group(str(old), mode="r+")
     data = dict(group.attrs["data"])
-    del data["train_scale"], data["train_orientations"]
+    del data["train_scale"], data["train_orientations"], data["train_channel_orders"]
     group.attrs["data"] = data
     check_image_store(tiny_config, ImageStore(old))  # made as [1, 1] makes views: accepted
     scaled = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5)))
@@ -294,6 +294,9 @@ def test_a_store_from_before_train_scale_was_recorded_counts_as_the_published_vi
     turned = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_orientations="dihedral"))
     with pytest.raises(StoreMismatchError, match="data.train_orientations: image store built with 'horizontal', params say 'dihedral'"):
         check_image_store(turned, ImageStore(old))
+    shuffled = dataclasses.replace(tiny_config, data=dataclasses.replace(tiny_config.data, train_channel_orders="shuffled"))
+    with pytest.raises(StoreMismatchError, match="data.train_channel_orders: image store built with 'rgb', params say 'shuffled'"):
+        check_image_store(shuffled, ImageStore(old))
 
 
 def test_train_refuses_stores_extracted_with_other_extract_params(tiny_config, tiny_images, tiny_features, tmp_path):
@@ -346,7 +349,7 @@ def test_a_checkpoint_from_before_train_scale_is_the_run_of_the_published_views(
     from featinv.training.model import check_checkpoint
     config = dataclasses.asdict(tiny_config)
     old = {**config, "data": {k: v for k, v in config["data"].items()
-                              if k not in ("train_scale", "train_orientations")}}
+                              if k not in ("train_scale", "train_orientations", "train_channel_orders")}}
     assert check_checkpoint("old.pt", {"finished": True, "config": old}, config) == []
     scaled = dataclasses.asdict(dataclasses.replace(
         tiny_config, data=dataclasses.replace(tiny_config.data, train_scale=(1.0, 1.5))))
