@@ -28,7 +28,8 @@ import numpy as np
 
 from featinv.config import DataConfig
 from featinv.errors import DataSourceError, ParamsError, StorageError, StoreIncompleteError
-from featinv.data.images import CHANNEL_SHUFFLE_PROBABILITY, center_crop, display_path, resize_square, training_view, view_rng
+from featinv.data.images import (CHANNEL_SHUFFLE_PROBABILITY, center_crop, display_path, resize_square, training_view,
+                                 view_rng)
 from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 

@@ -169,8 +169,8 @@ def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator, orientatio
 # half the views one of the 5 other orders, uniformly. A shallow tap's decoder maps each window's
 # colours back, and a training set of photographs shows it few of the colours a test set of
 # drawings and portraits holds: on trained VGG-16 block1 the shuffled views raised CSet14 + CSet5
-# by 0.17 dB, most on skin and red (BENCHMARKS.md, "Trained encoders"). Half, not all: giving
-# every view a uniformly drawn order (R, G, B 1 in 6) scored 0.06 dB lower on the test set.
+# by 0.14 dB (0.17 in the probe), most on skin and red (BENCHMARKS.md, "Trained encoders"). Half,
+# not all: giving every view a uniformly drawn order (R, G, B 1 in 6) scored 0.06 dB lower there.
 CHANNEL_SHUFFLE_PROBABILITY = {"rgb": 0.0, "shuffled": 0.5}
 OTHER_CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
