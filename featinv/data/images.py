@@ -168,9 +168,10 @@ def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator, orientatio
 # that a view gets another order than R, G, B: "rgb" is the published protocol; "shuffled" gives
 # half the views one of the 5 other orders, uniformly. A shallow tap's decoder maps each window's
 # colours back, and a training set of photographs shows it few of the colours a test set of
-# drawings and portraits holds: on trained VGG-16 block1 the shuffled views raised CSet14 + CSet5
-# by 0.14 dB (0.17 in the probe), most on skin and red (BENCHMARKS.md, "Trained encoders"). Half,
-# not all: giving every view a uniformly drawn order (R, G, B 1 in 6) scored 0.06 dB lower there.
+# drawings and portraits holds: on trained VGG-16 the shuffled views raised CSet14 + CSet5 by
+# 0.14 dB on block1 (0.17 in the probe), most on skin and red, and by 0.48 dB on block2
+# (BENCHMARKS.md, "Trained encoders"). Half, not all: on block1, giving every view a uniformly
+# drawn order (R, G, B 1 in 6) scored 0.06 dB lower.
 CHANNEL_SHUFFLE_PROBABILITY = {"rgb": 0.0, "shuffled": 0.5}
 OTHER_CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
