@@ -28,8 +28,8 @@ import numpy as np
 
 from featinv.config import DataConfig
 from featinv.errors import DataSourceError, ParamsError, StorageError, StoreIncompleteError
-from featinv.data.images import (CHANNEL_SHUFFLE_PROBABILITY, center_crop, display_path, resize_square, training_view,
-                                 view_rng)
+from featinv.data.images import (CHANNEL_SHUFFLE_PROBABILITY, OTHER_CHANNEL_ORDERS, center_crop, display_path,
+                                 resize_square, training_view, view_rng)
 from featinv.data.sources import SPLITS, SourceImage, SourcePools, collect_images
 from featinv.zarr_utils import commit_dir, compressors_for, digest, open_group, partial_path, remove_tree
 
@@ -245,7 +245,7 @@ def _orientation_text(cfg: DataConfig) -> str:
 def _channel_order_text(cfg: DataConfig) -> str:
     """The channel orders of the training views in words; empty for the published R, G, B (as _scale_text)."""
     p = CHANNEL_SHUFFLE_PROBABILITY[cfg.train_channel_orders]
-    return "" if p == 0 else f", channels put in one of the 5 other orders with p={p:g}"
+    return "" if p == 0 else f", channels put in one of the {len(OTHER_CHANNEL_ORDERS)} other orders with p={p:g}"
 
 
 MEAN_CHUNK_IMAGES = 64  # 64 × 224² × 3 uint8 ≈ 9.6 MB read at a time

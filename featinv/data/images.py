@@ -18,6 +18,7 @@ interpolation.  Images between that and ``data.resize`` (for training views,
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import zlib
@@ -173,7 +174,7 @@ def random_view(rgb: np.ndarray, crop: int, rng: np.random.Generator, orientatio
 # (BENCHMARKS.md, "Trained encoders"). Half, not all: on block1, giving every view a uniformly
 # drawn order (R, G, B 1 in 6) scored 0.06 dB lower.
 CHANNEL_SHUFFLE_PROBABILITY = {"rgb": 0.0, "shuffled": 0.5}
-OTHER_CHANNEL_ORDERS = ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+OTHER_CHANNEL_ORDERS = tuple(itertools.permutations(range(3)))[1:]  # all but R, G, B itself
 
 
 def reordered_channels(view: np.ndarray, rng: np.random.Generator, channel_orders: str = "rgb") -> np.ndarray:
