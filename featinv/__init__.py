@@ -8,7 +8,7 @@ The subpackages follow the data's way through the product:
 ``data`` (images in) → ``encoders`` (frozen taps) → ``store`` (the feature cache) →
 ``decoders`` + ``training`` → ``evaluation`` (metrics, baselines, refinement) → ``study``
 (grid, leaderboard, executors). ``config``, ``errors``, ``registry``, ``console``, ``device``,
-``precision``, ``presets`` and ``zarr_utils`` serve them all; ``cli`` is the command.
+``precision``, ``host_memory``, ``presets`` and ``zarr_utils`` serve them all; ``cli`` is the command.
 """
 
 __version__ = "0.1.0"

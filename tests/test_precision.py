@@ -218,3 +218,17 @@ def test_local_mlp_keeps_its_linear_path_in_float32_under_bf16():
     assert linear.dtype == torch.float32 and mixed.dtype == torch.float32
     assert torch.allclose(linear, decoder.linear(windows))  # bit-for-bit the float32 path
     assert (mixed - exact).abs().max() < 0.02 and not torch.equal(mixed, exact)  # only the MLP is bf16
+
+
+def test_cpu_setup_keeps_freed_host_memory_and_cuda_setup_does_not(monkeypatch):
+    calls = []
+    monkeypatch.setattr(precision.host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    precision.setup("cpu")
+    assert calls == [1]
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        precision.setup("cuda")  # sets backend flags only; needs no GPU
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
+    assert calls == [1]
