@@ -5,8 +5,8 @@ step, and glibc's malloc returns such blocks to the OS and page-faults them back
 docstring of :mod:`featinv.host_memory`).  The setting is per process and cannot be undone,
 so each measurement is a fresh child process: the real training step of a recipe — the
 loader's batch (:class:`featinv.store.loader.FeatureBatches`, from RAM), the decoder's
-``forward_valid`` or forward, the loss in float32, backward, Adam — ``--steps`` times after
-``--warmup`` untimed ones.  Children with and without the setting alternate ``--rounds``
+``forward_valid`` or forward, the loss in float32, backward, Adam — the recipe's number of
+steps (``RECIPES``) after ``--warmup`` untimed ones.  Children with and without the setting alternate ``--rounds``
 times, so load on a shared machine hits both alike; the table gives the median of each.
 Minor page faults per step (``getrusage``) do not depend on load at all; the peak RSS
 (VmHWM) says what keeping the freed blocks costs.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -13,8 +14,9 @@ from featinv import host_memory
 
 _GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# In a child process: minor page faults of 50 "steps" that each allocate and write four 3 MB blocks (the size
-# of a local_mlp step's activations), then free them, then the same after keep_freed_memory().
+# In a child process: minor page faults of 50 "steps" that each allocate and write four 3 MB
+# blocks (the size of a local_mlp step's activations), then free them; then the same after
+# keep_freed_memory().
 _CHILD = """
 import json, resource
 import numpy as np
@@ -34,8 +36,6 @@ print(json.dumps({"default": default, "applied": applied, "kept": faults()}))
 
 
 def _child(env_extra: dict[str, str] | None = None) -> dict:
-    import json
-
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
     env.update(env_extra or {})
     out = subprocess.run([sys.executable, "-c", _CHILD], check=True, capture_output=True, text=True, env=env)
