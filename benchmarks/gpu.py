@@ -76,6 +76,7 @@ from featinv.store.loader import FeatureBatches
 from featinv.training.losses import ReconstructionLoss, lpips_available
 from featinv.study.grid import plan_runs
 from featinv.encoders.taps import TapEncoder, resolve_tap
+from featinv.training.step import build_optimizer, training_step
 from featinv.training.train import decoder_inputs, run_taps
 from featinv.zarr_utils import remove_tree
 
@@ -208,8 +209,9 @@ class _Trainer:
     """One training path: a fresh (seeded) model, Adam, a loader, and where the model's inputs come from.
 
     ``inputs_of(feats, pixels01)`` gives the decoder's inputs: the cached features, or the
-    encoders' output on the pixels.  ``step()`` is the step of ``benchmarks.run`` (decoder
-    forward, loss, backward, Adam) and returns the samples it trained on.
+    encoders' output on the pixels.  ``step()`` is the training loop's step
+    (:func:`featinv.training.step.training_step`, autocast from ``context``) and returns the
+    samples it trained on.
     """
 
     def __init__(self, specs, decoder: str, fusion: str | None, batches, inputs_of: Callable, context: Callable,
@@ -218,7 +220,7 @@ class _Trainer:
         # torch.compile is measured here only: in featinv's training step it paid on no device
         # enough to be worth a per-process compile (BENCHMARKS.md, "torch.compile on the CPU").
         self.model = _Amp(torch.compile(model) if compile_model else model, context).train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=run.LR, **precision.adam_options(device))
+        self.optimizer = build_optimizer(model, run.LR, device)
         self.criterion = criterion or ReconstructionLoss(LossConfig(mse=1.0)).to(device)
         self.batches, self.inputs_of, self.device = batches, inputs_of, device
         self.stream = run._cycle(batches)
@@ -226,7 +228,7 @@ class _Trainer:
     def step(self) -> int:
         feats, pixels01 = next(self.stream)
         pixels01 = pixels01.to(self.device, non_blocking=True)
-        run._train_step(self.model, self.optimizer, self.criterion, self.inputs_of(feats, pixels01), pixels01)
+        training_step(self.model, self.optimizer, self.criterion, self.inputs_of(feats, pixels01), pixels01)
         return pixels01.shape[0]
 
     def close(self) -> None:

@@ -3,9 +3,10 @@
 Why it exists: a CPU training step frees and re-allocates the same few-MB activations every
 step, and glibc's malloc returns such blocks to the OS and page-faults them back in (module
 docstring of :mod:`featinv.host_memory`).  The setting is per process and cannot be undone,
-so each measurement is a fresh child process: the real training step of a recipe — the
-loader's batch (:class:`featinv.store.loader.FeatureBatches`, from RAM), the decoder's
-``forward_valid`` or forward, the loss in float32, backward, Adam — the recipe's number of
+so each measurement is a fresh child process: the training loop's own step of a recipe — the
+loader's batch (:class:`featinv.store.loader.FeatureBatches`, from RAM), then
+:func:`featinv.training.step.training_step` (``forward_valid`` or forward, MSE in float32,
+backward, Adam from :func:`~featinv.training.step.build_optimizer`) — the recipe's number of
 steps (``RECIPES``) after ``--warmup`` untimed ones.  Children with and without the setting alternate ``--rounds``
 times, so load on a shared machine hits both alike; the table gives the median of each.
 Minor page faults per step (``getrusage``) do not depend on load at all; the peak RSS
@@ -32,16 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, machine, table, write_json
 from benchmarks.peak_rss import peak_rss_mb
 from featinv import host_memory, precision
-from featinv.config import Config, with_overrides
-from featinv.decoders import build_decoder
+from featinv.config import Config, LossConfig, with_overrides
 from featinv.encoders.taps import resolve_tap
 from featinv.presets import preset_overrides
 from featinv.store.loader import FeatureBatches, FeatureCrop
+from featinv.training.losses import ReconstructionLoss
+from featinv.training.model import build_reconstructor
+from featinv.training.step import build_optimizer, training_step
+from featinv.training.train import decoder_inputs
 
 _LOCAL_MLP = with_overrides(Config(), preset_overrides("local_mlp")).train
 # decoder → (batch, feature crop or None for whole maps, train.precision, timed steps): the quality
@@ -105,22 +108,18 @@ def _measure(tap: str, maps: int, name: str, keep: bool, warmup: int) -> dict:
     batch, crop_size, wanted, steps = RECIPES[name]
     amp_dtype, _ = precision.training_dtype(device, wanted)
     torch.manual_seed(0)
-    decoder = build_decoder(name, spec.shape, 224)
+    model = build_reconstructor([spec], name, None, 224)
     crop = None if crop_size is None else FeatureCrop(crop_size, 224 // spec.height,
-                                                      int(getattr(decoder, "context_margin", 0)))
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-4, **precision.adam_options(device))
+                                                      int(getattr(model.decoder, "context_margin", 0)))
+    optimizer = build_optimizer(model, 1e-4, device)
+    criterion = ReconstructionLoss(LossConfig(mse=1.0))
     batches = FeatureBatches([feats], pixels, batch, shuffle=True, seed=0, drop_last=True, crop=crop,
                              samples_per_epoch=batch * (steps + warmup))
     del feats
 
     def step(fmaps, target) -> None:
-        x = fmaps[0].contiguous(memory_format=torch.channels_last)
-        with precision.autocast_to(device, amp_dtype):
-            pred = decoder.forward_valid(x) if crop is not None and crop.margin else decoder(x)
-        loss = F.mse_loss(precision.float32(pred), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, criterion, decoder_inputs(fmaps, device), target, amp_dtype=amp_dtype,
+                      windows=crop is not None and bool(crop.margin))
 
     stream = iter(batches)
     for _ in range(warmup):

@@ -4,7 +4,8 @@ Why it exists: the performance suite's encoder-in-the-loop path hands the decode
 the encoder's output, which is channels_last (timm/torchvision convolutions keep
 it), while featinv's loader hands it NCHW tensors decoded from the store.  On a
 CPU several decoders train at quite different speeds in the two formats, so this
-measures, per decoder, one Adam step (forward, MSE, backward) on random features
+measures, per decoder, the training loop's step (:func:`featinv.training.step.training_step`:
+forward, MSE, backward, Adam) on random features
 in three settings: NCHW input; channels_last input; channels_last input and
 weights.  Step times are means over ``--steps`` steps after two untimed ones;
 the settings are interleaved step by step so load on a shared machine hits all
@@ -23,10 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, machine, table, write_json
+from featinv.config import LossConfig
 from featinv.decoders import DECODERS, build_decoder
+from featinv.training.losses import ReconstructionLoss
+from featinv.training.model import Reconstructor
+from featinv.training.step import build_optimizer, training_step
 
 SETTINGS = ("nchw", "channels_last_input", "channels_last_all")
 
@@ -56,24 +60,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _step_seconds(name: str, shape: tuple[int, int, int], batch: int, steps: int) -> dict[str, float]:
     runs = {}
+    device = torch.device("cpu")
+    criterion = ReconstructionLoss(LossConfig(mse=1.0))
     for setting in SETTINGS:
         torch.manual_seed(0)
-        decoder = build_decoder(name, shape)
+        model = Reconstructor(build_decoder(name, shape))
         if setting == "channels_last_all":
-            decoder = decoder.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
         feats = torch.randn(batch, *shape).relu()
         if setting != "nchw":
             feats = feats.contiguous(memory_format=torch.channels_last)
-        runs[setting] = (decoder, torch.optim.Adam(decoder.parameters(), lr=1e-3), feats)
+        runs[setting] = (model, build_optimizer(model, 1e-3, device), feats)
     target = torch.rand(batch, 3, 224, 224)
     totals = dict.fromkeys(SETTINGS, 0.0)
     for step in range(2 + steps):
-        for setting, (decoder, optimizer, feats) in runs.items():
+        for setting, (model, optimizer, feats) in runs.items():
             start = time.perf_counter()
-            loss = F.mse_loss(decoder(feats), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            training_step(model, optimizer, criterion, [feats], target)  # the training loop's step
             if step >= 2:
                 totals[setting] += time.perf_counter() - start
     return {k: v / steps for k, v in totals.items()}

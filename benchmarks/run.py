@@ -63,6 +63,7 @@ from featinv.training.model import ENSEMBLE, build_reconstructor
 from featinv.data.sources import SPLITS, collect_images
 from featinv.study.grid import plan_runs
 from featinv.encoders.taps import TapEncoder, build_encoder, list_taps, resolve_tap
+from featinv.training.step import build_optimizer, training_step
 from featinv.training.train import decoder_inputs
 from featinv.zarr_utils import digest, partial_path, remove_tree
 
@@ -466,14 +467,6 @@ def _fresh_model(specs, decoder: str, fusion: str | None, device: torch.device) 
     return build_reconstructor(specs, decoder, fusion, 224).to(device)
 
 
-def _train_step(model, optimizer, criterion, feats: list[torch.Tensor], pixels01: torch.Tensor) -> None:
-    """The step both paths share: decoder forward, MSE, backward, Adam."""
-    loss, _ = criterion(model(feats), pixels01)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def _train_rates(paths: list[tuple], warmup: int, steps: int, device: torch.device) -> list[float]:
     """Training samples/s of each ``(model, batches, features_of)`` path, stepping them in turn.
 
@@ -484,7 +477,7 @@ def _train_rates(paths: list[tuple], warmup: int, steps: int, device: torch.devi
     the cached features, or the encoder's output on the pixels.
     """
     criterion = ReconstructionLoss(LossConfig(mse=1.0)).to(device)
-    runs = [(model.train(), torch.optim.Adam(model.parameters(), lr=LR), _cycle(batches), features_of)
+    runs = [(model.train(), build_optimizer(model, LR, device), _cycle(batches), features_of)
             for model, batches, features_of in paths]
     seconds, samples = [0.0] * len(runs), [0] * len(runs)
     try:
@@ -494,7 +487,7 @@ def _train_rates(paths: list[tuple], warmup: int, steps: int, device: torch.devi
                 start = time.perf_counter()
                 feats, pixels01 = next(stream)
                 pixels01 = pixels01.to(device, non_blocking=True)
-                _train_step(model, optimizer, criterion, features_of(feats, pixels01), pixels01)
+                training_step(model, optimizer, criterion, features_of(feats, pixels01), pixels01)
                 _sync(device)
                 if step >= warmup:
                     seconds[k] += time.perf_counter() - start

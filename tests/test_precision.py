@@ -76,12 +76,26 @@ def test_helpers_change_nothing_off_cuda():
     assert torch.backends.cudnn.benchmark == before
 
 
-def test_adam_is_fused_on_cuda_only():
-    """The study's step is launch-bound on a GPU: Adam's fused kernel there; torch's default elsewhere."""
-    assert precision.adam_options("cpu") == {} and precision.adam_options(torch.device("cpu")) == {}
+def test_adam_is_fused_on_cuda_and_cpu():
+    """Adam's fused kernel where it was measured to pay (a GPU's launch-bound step; the CPU's
+    per-parameter loop), and it trains a decoder's parameter groups on the CPU as the default does."""
+    assert precision.adam_options("cpu") == {"fused": True} == precision.adam_options(torch.device("cpu"))
     assert precision.adam_options("cuda") == {"fused": True} == precision.adam_options("cuda:1")
-    params = [nn.Parameter(torch.ones(3))]
-    assert torch.optim.Adam(params, **precision.adam_options("cpu")).defaults["fused"] in (None, False)
+    assert precision.adam_options("meta") == {}
+    steps = []
+    for options in ({}, precision.adam_options("cpu")):
+        torch.manual_seed(0)
+        w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.zeros(4))
+        opt = torch.optim.Adam([{"params": [w], "lr": 0.1, "weight_decay": 0.01}, {"params": [b], "lr": 0.001}],
+                               **options)
+        assert bool(opt.defaults.get("fused")) == bool(options)
+        for _ in range(3):
+            loss = (torch.randn(5, 3, generator=torch.Generator().manual_seed(1)) @ w.T + b).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        steps.append(torch.cat([w.detach().flatten(), b.detach()]))
+    torch.testing.assert_close(steps[1], steps[0])
 
 
 def test_the_loss_uses_an_lpips_network_it_is_given():

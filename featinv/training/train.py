@@ -30,6 +30,7 @@ from featinv.data.image_store import ImageStore
 from featinv.store.loader import FeatureBatches, FeatureCrop
 from featinv.training.losses import ReconstructionLoss
 from featinv.training.model import ENSEMBLE, Reconstructor, build_reconstructor, save_checkpoint, spec_dicts
+from featinv.training.step import build_optimizer, training_step
 from featinv.encoders.taps import resolve_tap
 from featinv.zarr_utils import remove_tree
 
@@ -156,8 +157,7 @@ def train_decoder(
     val_batch = min(max(tc.batch_size, 8), 16) if crop is not None else max(tc.batch_size, 8)
     val_batches = FeatureBatches([s.split("val") for s in stores], images.pixels("val"), val_batch,
                                  ram_cache_gb=tc.ram_cache_gb, device=device, device_cache_gb=device_cache_gb)
-    optimizer = torch.optim.Adam(_param_groups(model, tc.lr, tc.weight_decay), lr=tc.lr,
-                                 **precision.adam_options(device))
+    optimizer = build_optimizer(model, tc.lr, device, tc.weight_decay)
     scheduler = _scheduler(optimizer, tc.scheduler, tc, steps=len(train_batches) * tc.epochs)
 
     meta = {
@@ -207,19 +207,15 @@ def train_decoder(
         for feats, target in train_batches:
             feats, target = decoder_inputs(feats, device), target.to(device)
             # Windows with context: only the outputs whose window saw real context (decoders that
-            # declare a context_margin provide forward_valid for that).
-            with precision.autocast_to(device, amp_dtype):  # bf16 on CUDA by default (train.precision)
-                pred = model.decoder.forward_valid(feats[0]) if crop is not None and crop.margin else model(feats)
-            loss, _ = criterion(precision.float32(pred), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            # declare a context_margin provide forward_valid for that). bf16 on CUDA by default.
+            loss = training_step(model, optimizer, criterion, feats, target, amp_dtype=amp_dtype,
+                                 windows=crop is not None and bool(crop.margin))
             if tc.scheduler == "cosine":
                 progress = steps / max(len(train_batches) * tc.epochs, 1)
                 if tc.max_minutes:  # a wall-clock budget: anneal over the budget, not the epoch count
                     progress = max(progress, (time.perf_counter() - start) / (tc.max_minutes * 60))
                 _set_lr(optimizer, tc.lr * _warmup_cosine(progress))
-            total += float(loss.detach()) * target.shape[0]
+            total += float(loss) * target.shape[0]
             seen += target.shape[0]
             steps += 1
             if over_budget():  # mid-epoch: a long epoch (many views, a slow step) must not overrun it
@@ -386,26 +382,6 @@ def _warmup_cosine(progress: float) -> float:
 def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def _param_groups(model: Reconstructor, lr: float, weight_decay: float = 0.0) -> list[dict]:
-    """Adam's parameter groups: one per learning-rate multiplier a decoder asks for
-    (``lr_multipliers``) and per weight-decay treatment.
-
-    ``weight_decay`` (L2, as Adam adds it to the gradient) applies to every parameter except
-    those under the prefixes the decoder lists in ``weight_decay_exempt``: a closed-form ridge
-    path sits at its least-squares optimum, and decaying it would pull it off that for nothing.
-    """
-    multipliers: dict[str, float] = getattr(model.decoder, "lr_multipliers", {})
-    exempt: tuple[str, ...] = getattr(model.decoder, "weight_decay_exempt", ())
-    groups: dict[tuple[float, float], list] = {}
-    for name, param in model.named_parameters():
-        under = [prefix for prefix in (*multipliers, *exempt) if name.startswith(f"decoder.{prefix}.")]
-        scale = next((multipliers[prefix] for prefix in under if prefix in multipliers), 1.0)
-        decay = 0.0 if any(prefix in exempt for prefix in under) else weight_decay
-        groups.setdefault((scale, decay), []).append(param)
-    return [{"params": params, "lr": lr * scale, "lr_scale": scale, "weight_decay": decay}
-            for (scale, decay), params in groups.items()]
 
 
 def _annotate(path: Path, extra: dict) -> None:

@@ -18,7 +18,8 @@ from featinv.errors import ParamsError
 from featinv.store.loader import FeatureBatches, FeatureCrop
 from featinv.decoders import build_decoder
 from featinv.training.model import Reconstructor, load_checkpoint
-from featinv.training.train import WARM_START_MACS, WARM_START_ROWS, _param_groups, train_decoder, warm_start_keep
+from featinv.training.step import param_groups
+from featinv.training.train import WARM_START_MACS, WARM_START_ROWS, train_decoder, warm_start_keep
 
 
 class _Recorder:
@@ -332,7 +333,7 @@ def test_bfloat16_training_on_the_cpu_is_taken_only_where_the_cpu_computes_it(ti
 def test_weight_decay_shrinks_the_learned_layers_but_not_the_ridge_fit(decoder, exempt):
     model = Reconstructor(build_decoder(decoder, (16, 28, 28), 56))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(_param_groups(model, lr=0.1, weight_decay=0.5), lr=0.1)
+    optimizer = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=0.5), lr=0.1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # no loss: any change is the decay's
     optimizer.step()
