@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--decoders", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--rounds", type=int, default=3, help="children per setting and decoder")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, help="timed steps per child (default: the recipe's, RECIPES)")
     p.add_argument("--out", type=Path, default=RESULTS / "host_memory.json")
     p.add_argument("--child", nargs=2, metavar=("DECODER", "KEEP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(_measure(args.tap, args.maps, args.child[0], args.child[1] == "1", args.warmup)))
+        print(json.dumps(_measure(args.tap, args.maps, args.child[0], args.child[1] == "1", args.warmup, args.steps)))
         return []
     rows = []
     for name in args.decoders:
@@ -73,14 +74,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for _ in range(args.rounds):
             for keep in (False, True):
                 out = subprocess.run([sys.executable, "-m", "benchmarks.host_memory", "--tap", args.tap, "--maps",
-                                      str(args.maps), "--warmup", str(args.warmup), "--child", name, str(int(keep))],
+                                      str(args.maps), "--warmup", str(args.warmup), "--child", name, str(int(keep)),
+                                      *(["--steps", str(args.steps)] if args.steps else [])],
                                      check=True, capture_output=True, text=True).stdout
                 runs[keep].append(json.loads(out.strip().splitlines()[-1]))
         med = {keep: {k: statistics.median(r[k] for r in rs) for k in ("ms_per_step", "faults_per_step", "max_rss_mb")}
                for keep, rs in runs.items()}
         batch, crop, wanted, steps = RECIPES[name]
         rows.append({"tap": args.tap, "decoder": name, "batch": batch, "feature_crop": crop,
-                     "precision": runs[True][0]["precision"], "steps": steps,
+                     "precision": runs[True][0]["precision"], "steps": args.steps or steps,
                      "applied": runs[True][0]["applied"],
                      "default_ms_per_step": med[False]["ms_per_step"], "kept_ms_per_step": med[True]["ms_per_step"],
                      "speedup": med[False]["ms_per_step"] / med[True]["ms_per_step"],
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def _measure(tap: str, maps: int, name: str, keep: bool, warmup: int) -> dict:
+def _measure(tap: str, maps: int, name: str, keep: bool, warmup: int, timed_steps: int | None = None) -> dict:
     """One child: the recipe's training step, timed (see the module docstring)."""
     applied = host_memory.keep_freed_memory() if keep else False
     spec = resolve_tap(tap)
@@ -106,6 +108,7 @@ def _measure(tap: str, maps: int, name: str, keep: bool, warmup: int) -> dict:
     pixels = rng.integers(0, 256, (maps, 224, 224, 3), dtype=np.uint8)
     device = torch.device("cpu")
     batch, crop_size, wanted, steps = RECIPES[name]
+    steps = timed_steps or steps
     amp_dtype, _ = precision.training_dtype(device, wanted)
     torch.manual_seed(0)
     model = build_reconstructor([spec], name, None, 224)

@@ -242,7 +242,7 @@ class TrainConfig(_Section):
     plateau_patience: int = bounded(5, 0)  # ReduceLROnPlateau patience (epochs)
     plateau_factor: float = bounded(0.5, 0.0, 1.0, low_open=True, high_open=True)
     early_stop_patience: int = bounded(15, 1)  # epochs without val improvement before stopping
-    max_minutes: float | None = bounded(None, 0.0, low_open=True)  # wall-clock budget; stops after the epoch that crosses it
+    max_minutes: float | None = bounded(None, 0.0, low_open=True)  # wall-clock budget: stops at the first step past it, validated and checkpointed
     device: str = device_field()
     seed: int = bounded(42, 0)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -323,7 +323,7 @@ class StudyConfig(_Section):
         "vit_small/block1",
         "pvt_v2_b2/stage1",
     )
-    epochs: int = bounded(3, 1)  # per run: the study trains 44 runs, so each gets a short budget
+    epochs: int = bounded(3, 1)  # per run: a study trains many runs (16 by default, 44 published), each on a short budget
     samples_per_epoch: int | None = bounded(None, 1)  # per run, a seeded random subset of the training views
     # Every cell the same wall-clock training budget instead of epochs × samples (epochs then only cap it).
     max_minutes: float | None = bounded(None, 0.0, low_open=True)
